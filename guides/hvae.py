@@ -1,0 +1,51 @@
+"""Bottom-up inference network for the stacked HVAEs (Appendix B.1: "the same architecture as the generator")."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+
+
+class MarkovHVAEGuide(PyroModule):
+    r"""``q(z|x) = q(z_1 | x) \prod_{\ell \ge 2} q(z_\ell | z_{\ell-1})``.
+
+    ``q(z_1|x)`` mirrors ``f_0`` with stride-2 convolutions; ``q(z_\ell | z_{\ell-1})`` mirrors ``f_\ell``: a
+    two-layer dense net with a linear mean and a sigmoid standard deviation.  It serves both the Markov and the
+    autoregressive HVAE (the guide family is free; Propositions 1 and 2 hold for any ``q``).
+
+    :param config: the architecture; must be the one the model was built with.
+    :param name: Pyro name prefix of the parameters.
+    """
+
+    def __init__(self, config: ModelConfig, name: str = "guide"):
+        super().__init__(name)
+        self.config = config
+        c, H = config, config.hidden
+        conv = ConvEncoder(c.image_shape, c.channels, c.batch_norm, "lrelu")
+        first = nn.Sequential(conv, GaussianHead(conv.out_dim, c.latent_dims[0]))
+        rest = [
+            nn.Sequential(
+                MLP(c.latent_dims[l - 1], H, c.fc_layers, None, c.batch_norm), GaussianHead(H, c.latent_dims[l])
+            )
+            for l in range(1, c.num_layers)
+        ]
+        self.conditionals = nn.ModuleList([first] + rest)
+
+    def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
+        """Sample ``z_1 ~ q(z_1|x)``, then each ``z_l ~ q(z_l | z_{l-1})``.  Returns the sampled codes."""
+        if x is None:
+            raise ValueError(f"{type(self).__name__} needs data: call guide(x) with a batch of images (N, C, H, W)")
+        kl_scale = check_kl_scale(kl_scale)
+        n = batch_size_of(x, batch_size, self.config.image_shape, type(self).__name__)
+        zs, h = [], x
+        with pyro.plate("data", n), poutine.scale(scale=kl_scale):
+            for l, net in enumerate(self.conditionals, start=1):
+                loc, scale = net(h)
+                h = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+                zs.append(h)
+        return zs

@@ -1,0 +1,83 @@
+"""Stacked hierarchical VAEs: the Markov HVAE (Eq. 4, Appendix B.1) and the autoregressive HVAE (Eq. 3)."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_vlae.nets import MLP, DeconvDecoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+
+from .likelihood import Likelihood
+
+
+class MarkovHVAEModel(PyroModule):
+    r"""Markov HVAE, ``p(x, z) = p(x | z_1) \prod_{\ell=1}^{L-1} p(z_\ell | z_{\ell+1}) p(z_L)`` (Eq. 4).
+
+    Following Appendix B.1,
+
+    .. math::
+
+        z_L \sim N(0, I), \qquad
+        z_\ell \sim N\big(W_1 f_\ell(z_{\ell+1}),\ \mathrm{sigm}(W_2 f_\ell(z_{\ell+1}))^2\big), \qquad
+        x \sim r(x; f_0(z_1))
+
+    with ``f_\ell`` a two-layer dense net (``fc_layers``) and ``f_0`` a dense map plus transposed convolutions.
+    Every conditional is a plain ``Normal(loc, scale)``, so ``poutine.reparam`` with ``LocScaleReparam(0)`` exposes
+    each layer's noise ``eps_l`` as a site ``z{l}_decentered`` (used for the Fig. 3 interventions).
+
+    :param config: the architecture (same widths and latent sizes as the matching VLAE preset).
+    :param name: Pyro name prefix of the parameters.
+    """
+
+    #: Whether ``p(z_l | .)`` sees every layer above (Eq. 3) or only the next one (Eq. 4).
+    autoregressive = False
+
+    def __init__(self, config: ModelConfig, name: str = "model"):
+        super().__init__(name)
+        self.config = config
+        c, L, H = config, config.num_layers, config.hidden
+        nets = []
+        for l in range(1, L):  # conditional for z_l, l = 1 .. L-1
+            in_dim = sum(c.latent_dims[l:]) if self.autoregressive else c.latent_dims[l]
+            nets.append(
+                nn.Sequential(MLP(in_dim, H, c.fc_layers, None, c.batch_norm), GaussianHead(H, c.latent_dims[l - 1]))
+            )
+        self.conditionals = nn.ModuleList(nets)
+        self.decoder = DeconvDecoder(c.latent_dims[0], c.image_shape, c.channels, c.batch_norm, "relu")
+        self.likelihood = Likelihood(c.likelihood, c.image_shape, c.obs_scale, c.value_range)
+
+    @property
+    def latent_sites(self):
+        return [f"z{l}" for l in range(1, self.config.num_layers + 1)]
+
+    def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
+        """Ancestral sampling ``z_L -> ... -> z_1 -> x``; observes ``x`` when given.  Returns the mean image."""
+        c = self.config
+        kl_scale = check_kl_scale(kl_scale)
+        n = batch_size_of(x, batch_size, c.image_shape, type(self).__name__)
+        ref = self.decoder.fc[0].weight
+        zs = [None] * c.num_layers
+        with pyro.plate("data", n):
+            with poutine.scale(scale=kl_scale):
+                zero = ref.new_zeros(n, c.latent_dims[-1])
+                zs[-1] = pyro.sample(f"z{c.num_layers}", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
+                for l in range(c.num_layers - 1, 0, -1):
+                    parent = torch.cat(zs[l:], dim=-1) if self.autoregressive else zs[l]
+                    loc, scale = self.conditionals[l - 1](parent)
+                    zs[l - 1] = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
+            raw = self.decoder(zs[0])
+            pyro.sample("x", self.likelihood(raw), obs=x)
+        return self.likelihood.mean(raw)
+
+
+class AutoregressiveHVAEModel(MarkovHVAEModel):
+    r"""Autoregressive HVAE (Eq. 3): ``p(z_\ell | z_{>\ell})`` sees every layer above through concatenation.
+
+    This is the model Proposition 2 is about; its Gibbs chain keeps all of ``z``.
+    """
+
+    autoregressive = True

@@ -1,0 +1,47 @@
+"""Observation distributions ``r(x; f_0(z~_1))`` (Eq. 10) shared by every model."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyro_vlae.nets import squash
+
+
+class Likelihood(nn.Module):
+    """Turns raw decoder outputs into an image distribution with event shape ``(C, H, W)``.
+
+    * ``gaussian``: ``N(mean, obs_scale^2)`` with fixed variance (the paper).
+    * ``laplace``: ``Laplace(mean, b)`` with ``b = obs_scale = 1 / loss_ratio``.  Its log density is
+      ``-loss_ratio * |x - mean| - log(2 b)`` per pixel, i.e. the reference code's L1 loss up to a constant.
+    * ``bernoulli``: ``Bernoulli(logits=raw)`` for binarized data in {0, 1}.
+    * ``gaussian-learned``: ``N(mean, s_c^2)`` with one learned standard deviation per channel.
+    """
+
+    def __init__(self, kind, image_shape, obs_scale, value_range):
+        super().__init__()
+        self.kind = kind
+        self.obs_scale = float(obs_scale)
+        self.value_range = tuple(value_range)
+        if kind == "gaussian-learned":
+            init = torch.log(torch.expm1(torch.tensor(self.obs_scale)))
+            self.raw_scale = nn.Parameter(init.expand(image_shape[0], 1, 1).clone())
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        """The image the likelihood is centred on (probabilities for Bernoulli)."""
+        if self.kind == "bernoulli":
+            return torch.sigmoid(raw)
+        return squash(raw, self.value_range)
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        if self.kind == "bernoulli":
+            d = dist.Bernoulli(logits=raw)
+        elif self.kind == "laplace":
+            d = dist.Laplace(self.mean(raw), self.obs_scale)
+        elif self.kind == "gaussian":
+            d = dist.Normal(self.mean(raw), self.obs_scale)
+        else:
+            scale = torch.nn.functional.softplus(self.raw_scale) + 1e-3
+            d = dist.Normal(self.mean(raw), scale.expand_as(raw))
+        return d.to_event(3)

@@ -1,0 +1,261 @@
+"""Plain PyTorch building blocks for the generative and inference networks.
+
+Nothing here knows about Pyro: ``pyro_vlae.models`` and ``pyro_vlae.guides`` wire these blocks to sample sites.
+The shapes follow the paper's reference implementation (Appendix B.2): stride-2 4x4 convolutions with batch norm and
+leaky ReLU on the way up, dense ladder connections (never convolutional latents), and stride-2 4x4 transposed
+convolutions on the way down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+#: Smallest standard deviation a Gaussian head can output (the reference code adds 0.001 as well).
+MIN_SCALE = 1e-3
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model/guide pair.  Serialised as the ``model`` block of ``config.json``.
+
+    :param name: preset name this config came from.
+    :param image_shape: ``(C, H, W)`` of the data; ``H`` and ``W`` must be divisible by ``2 ** len(channels)``.
+    :param latent_dims: sizes of ``z1 .. zL`` (``z1`` the bottom layer).
+    :param channels: output channels of the stride-2 convolutions, bottom to top.
+    :param hidden: width of every dense layer.
+    :param fc_layers: dense layers per ladder block (the reference uses 2).
+    :param batch_norm: use batch norm after every hidden layer.
+    :param noise_injection: ``"concat"`` (Eq. 11) or ``"gated_add"`` (reference code) for VLAE ladder inputs.
+    :param likelihood: ``"gaussian"``, ``"laplace"``, ``"bernoulli"`` or ``"gaussian-learned"``.
+    :param obs_scale: standard deviation (Gaussian) or scale ``b = 1 / loss_ratio`` (Laplace) of ``r(x)``.
+    :param value_range: ``(lo, hi)`` of pixel values; decoder means are squashed into it.
+    :param beta: extra weight on the KL for the flat VAE baseline (beta-VAE); ignored by other models.
+    """
+
+    name: str = "custom"
+    image_shape: tuple = (1, 28, 28)
+    latent_dims: tuple = (2, 2, 2)
+    channels: tuple = (64, 128)
+    hidden: int = 1024
+    fc_layers: int = 2
+    batch_norm: bool = True
+    noise_injection: str = "concat"
+    likelihood: str = "laplace"
+    obs_scale: float = 0.125
+    value_range: tuple = field(default=(0.0, 1.0))
+    beta: float = 1.0
+
+    def __post_init__(self):
+        self.image_shape = tuple(int(s) for s in self.image_shape)
+        self.latent_dims = tuple(int(d) for d in self.latent_dims)
+        self.channels = tuple(int(c) for c in self.channels)
+        self.value_range = tuple(float(v) for v in self.value_range)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if not self.latent_dims or min(self.latent_dims) < 1:
+            raise ValueError(f"latent_dims must be a non-empty tuple of positive ints, got {self.latent_dims}")
+        if self.noise_injection not in ("concat", "gated_add"):
+            raise ValueError(f"noise_injection must be 'concat' or 'gated_add', got {self.noise_injection!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if not self.obs_scale > 0:
+            raise ValueError(f"obs_scale must be > 0, got {self.obs_scale}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        factor = 2 ** len(self.channels)
+        _, h, w = self.image_shape
+        if h % factor or w % factor:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by 2**{len(self.channels)} = {factor} "
+                f"(one halving per conv layer in channels={self.channels}); pick a preset made for this image size"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latent_dims)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**d)
+
+
+LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "gaussian-learned")
+
+
+def activation(kind: str = "lrelu") -> nn.Module:
+    """Leaky ReLU (slope 0.1, as in the reference) for ``"lrelu"``, ReLU for ``"relu"``."""
+    return nn.LeakyReLU(0.1) if kind == "lrelu" else nn.ReLU()
+
+
+def dense(in_dim: int, out_dim: int, batch_norm: bool, act: str = "lrelu") -> nn.Sequential:
+    """Linear, optional batch norm, activation."""
+    layers = [nn.Linear(in_dim, out_dim, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm1d(out_dim))
+    layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+class MLP(nn.Module):
+    """``num_layers`` dense blocks of width ``hidden``, then an optional linear map to ``out_dim``.
+
+    :param in_dim: input width.
+    :param hidden: hidden width.
+    :param num_layers: number of dense (linear-BN-activation) blocks.
+    :param out_dim: width of a final linear layer, or ``None`` for none.
+    """
+
+    def __init__(self, in_dim, hidden, num_layers, out_dim=None, batch_norm=True, act="lrelu"):
+        super().__init__()
+        layers, d = [], in_dim
+        for _ in range(num_layers):
+            layers.append(dense(d, hidden, batch_norm, act))
+            d = hidden
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        self.net = nn.Sequential(*layers)
+        self.out_dim = d
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 4x4 convolutions (each halves H and W), then flatten.
+
+    :param image_shape: ``(C, H, W)`` of the input.
+    :param channels: output channels of each convolution.
+    """
+
+    def __init__(self, image_shape, channels, batch_norm=True, act="lrelu"):
+        super().__init__()
+        c, h, w = image_shape
+        layers = []
+        for out in channels:
+            layers.append(nn.Conv2d(c, out, 4, stride=2, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(activation(act))
+            c, h, w = out, h // 2, w // 2
+        self.net = nn.Sequential(*layers)
+        self.out_dim = c * h * w
+
+    def forward(self, x):
+        return self.net(x).flatten(1)
+
+
+class DeconvDecoder(nn.Module):
+    """Dense map to a ``(channels[-1], H / 2^n, W / 2^n)`` feature map, then stride-2 4x4 transposed convolutions.
+
+    Returns unsquashed outputs (logits) of shape ``image_shape``; the likelihood decides how to squash them.
+    """
+
+    def __init__(self, in_dim, image_shape, channels, batch_norm=True, act="relu"):
+        super().__init__()
+        c_out, h, w = image_shape
+        n = len(channels)
+        self.start = (channels[-1], h // 2**n, w // 2**n)
+        self.fc = dense(in_dim, math.prod(self.start), batch_norm, act)
+        layers = []
+        chans = list(reversed(channels))
+        for i, c in enumerate(chans):
+            last = i == len(chans) - 1
+            nxt = c_out if last else chans[i + 1]
+            layers.append(nn.ConvTranspose2d(c, nxt, 4, stride=2, padding=1, bias=last or not batch_norm))
+            if not last:
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(nxt))
+                layers.append(activation(act))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(self.fc(h).view(-1, *self.start))
+
+
+class GaussianHead(nn.Module):
+    """Linear mean and ``sigmoid(linear) + MIN_SCALE`` standard deviation, as in Appendix B.1 and the reference."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.loc = nn.Linear(in_dim, out_dim)
+        self.scale = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h):
+        return self.loc(h), torch.sigmoid(self.scale(h)) + MIN_SCALE
+
+
+class NoiseInjection(nn.Module):
+    """Combines the deterministic path ``z~_{l+1}`` with the ladder input ``v_l(z_l)``.
+
+    ``"concat"`` is the paper's ``[z~_{l+1}; v_l(z_l)]`` (Eq. 11); ``"gated_add"`` is the reference code's
+    ``z~_{l+1} + gate * v_l(z_l)`` with a learned per-unit gate initialised at 0.1.
+    """
+
+    def __init__(self, dim, method="concat"):
+        super().__init__()
+        self.method = method
+        if method == "gated_add":
+            self.gate = nn.Parameter(torch.full((dim,), 0.1))
+        self.out_dim = 2 * dim if method == "concat" else dim
+
+    def forward(self, path, ladder):
+        if self.method == "concat":
+            return torch.cat([path, ladder], dim=-1)
+        return path + self.gate * ladder
+
+
+def squash(raw: torch.Tensor, value_range) -> torch.Tensor:
+    """Map unbounded decoder outputs into ``value_range`` with a sigmoid (the reference's output layer)."""
+    lo, hi = value_range
+    return lo + (hi - lo) * torch.sigmoid(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Argument checks shared by every model and guide (plain Python, no Pyro).
+
+
+def check_kl_scale(kl_scale) -> float:
+    """Return ``kl_scale`` as a float, or raise if it is not a positive finite number."""
+    value = float(kl_scale)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"kl_scale must be a finite number > 0, got {kl_scale!r}; annealing schedules start just above 0 "
+            "(poutine.scale with 0 would drop the latent sites from the objective)"
+        )
+    return value
+
+
+def check_images(x, image_shape, who: str) -> int:
+    """Validate a batch of images against ``image_shape`` and return the batch size."""
+    if not torch.is_tensor(x):
+        raise TypeError(
+            f"{who}: x must be a torch.Tensor of shape (N, {', '.join(map(str, image_shape))}), got {type(x)}"
+        )
+    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+        raise ValueError(
+            f"{who}: data shape {tuple(x.shape[1:]) if x.dim() == 4 else tuple(x.shape)} does not match the preset's "
+            f"image shape {tuple(image_shape)}; choose a preset for this dataset (--preset) or resize the data"
+        )
+    return x.shape[0]
+
+
+def batch_size_of(x, batch_size, image_shape, who: str) -> int:
+    """Number of examples: from ``x`` when given (and then ``batch_size`` must agree), else ``batch_size``."""
+    if x is not None:
+        n = check_images(x, image_shape, who)
+        if batch_size is not None and batch_size != n:
+            raise ValueError(f"{who}: batch_size={batch_size} disagrees with x of batch size {n}")
+        return n
+    if batch_size is None:
+        return 1
+    if int(batch_size) < 1:
+        raise ValueError(f"{who}: batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)

@@ -1,0 +1,199 @@
+"""Architecture and training presets: data, kept in one registry, saved as ``config.json`` beside every checkpoint.
+
+The reference-sized presets follow the paper's public TensorFlow code (``vladder.py``): MNIST uses convolutions with
+64 and 128 channels, dense width 1024 and three 2-d codes with ``loss_ratio = 8`` (a Laplace scale of 1/8); SVHN four
+codes of 5, 5, 5 and 10 dimensions; CelebA four codes of 10 with ``loss_ratio = 0.5``.  The HVAE and VAE presets are
+the same objects: every model kind reads the same widths and latent sizes, so comparisons are at matched capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+from .nets import ModelConfig
+
+ANNEAL_HELP = "exp:T (kl_scale = 1 - exp(-t/T), the reference), linear:N (ramp to 1 over N steps) or none"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.  Serialised as the ``train`` block of ``config.json``.
+
+    :param num_steps: SVI steps (one mini-batch each).
+    :param batch_size: images per step.
+    :param lr: Adam learning rate (the reference uses 2e-4).
+    :param anneal: KL-scale schedule, see :func:`pyro_vlae.annealing.kl_schedule`.
+    :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KLs).
+    :param log_every: steps between ``metrics.jsonl`` lines.
+    :param checkpoint_every: steps between checkpoints (one is always written at the end).
+    :param keep_every: steps between checkpoints kept as ``step<k>.pt`` besides ``latest.pt`` (0: none).
+    """
+
+    num_steps: int = 5000
+    batch_size: int = 100
+    lr: float = 2e-4
+    anneal: str = "exp:2000"
+    elbo: str = "trace"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_every: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**d)
+
+
+@dataclass
+class Preset:
+    """A named architecture plus its default training schedule."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+def _preset(name, description, train=None, **model_kwargs) -> Preset:
+    return Preset(name, ModelConfig(name=name, **model_kwargs), train or TrainConfig(), description)
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    """Add ``preset`` to the registry (overwriting one of the same name)."""
+    PRESETS[preset.name] = preset
+    return preset
+
+
+register(
+    _preset(
+        "mnist",
+        "reference-sized MNIST network: conv 64-128, dense 1024, 3 x 2-d codes, Laplace b = 1/8",
+        TrainConfig(num_steps=30000),
+        image_shape=(1, 28, 28),
+        latent_dims=(2, 2, 2),
+        channels=(64, 128),
+        hidden=1024,
+        likelihood="laplace",
+        obs_scale=1 / 8,
+    )
+)
+register(
+    dataclasses.replace(
+        PRESETS["mnist"], name="mnist-paper", model=dataclasses.replace(PRESETS["mnist"].model, name="mnist-paper")
+    )
+)
+register(
+    _preset(
+        "mnist-cpu",
+        "CPU-sized MNIST network for the 15-minute default job: conv 32-64, dense 256, 3 x 2-d codes",
+        TrainConfig(num_steps=6000, lr=1e-3, anneal="exp:1000", batch_size=100),
+        image_shape=(1, 28, 28),
+        latent_dims=(2, 2, 2),
+        channels=(32, 64),
+        hidden=256,
+        likelihood="laplace",
+        obs_scale=1 / 8,
+    )
+)
+register(
+    _preset(
+        "svhn",
+        "reference-sized SVHN network: conv 64-128-256, dense 1024, codes of 5, 5, 5, 10",
+        TrainConfig(num_steps=50000),
+        image_shape=(3, 32, 32),
+        latent_dims=(5, 5, 5, 10),
+        channels=(64, 128, 256),
+        hidden=1024,
+        likelihood="laplace",
+        obs_scale=1 / 8,
+    )
+)
+register(
+    _preset(
+        "celeba",
+        "reference-sized CelebA network at 64x64: conv 64-128-256-512, dense 1024, 4 x 10-d codes, Laplace b = 2",
+        TrainConfig(num_steps=100000),
+        image_shape=(3, 64, 64),
+        latent_dims=(10, 10, 10, 10),
+        channels=(64, 128, 256, 512),
+        hidden=1024,
+        likelihood="laplace",
+        obs_scale=2.0,
+    )
+)
+register(
+    _preset(
+        "sprites",
+        "procedural dSprites at 64x64: conv 32-64-128-256, dense 512, 3 x 2-d codes, Bernoulli",
+        TrainConfig(num_steps=20000, lr=5e-4),
+        image_shape=(1, 64, 64),
+        latent_dims=(2, 2, 2),
+        channels=(32, 64, 128, 256),
+        hidden=512,
+        likelihood="bernoulli",
+    )
+)
+register(
+    _preset(
+        "sprites-32",
+        "procedural dSprites at 32x32 for CPU runs: conv 32-64-128, dense 256, 3 x 2-d codes, Bernoulli",
+        TrainConfig(num_steps=6000, lr=1e-3, anneal="exp:1000"),
+        image_shape=(1, 32, 32),
+        latent_dims=(2, 2, 2),
+        channels=(32, 64, 128),
+        hidden=256,
+        likelihood="bernoulli",
+    )
+)
+register(
+    _preset(
+        "tiny",
+        "tiny network for tests and smoke runs on 16x16 images",
+        TrainConfig(num_steps=20, batch_size=16, lr=1e-3, anneal="exp:10", log_every=5, checkpoint_every=10),
+        image_shape=(1, 16, 16),
+        latent_dims=(2, 2, 2),
+        channels=(8, 16),
+        hidden=32,
+        likelihood="laplace",
+        obs_scale=1 / 8,
+    )
+)
+
+#: Preset used when ``--preset`` is not given, by dataset and by whether a GPU is present.
+DEFAULT_PRESETS = {
+    "mnist": ("mnist-cpu", "mnist"),
+    "fashion-mnist": ("mnist-cpu", "mnist"),
+    "svhn": ("svhn", "svhn"),
+    "celeba": ("celeba", "celeba"),
+    "sprites": ("sprites-32", "sprites"),
+    "synthetic": ("tiny", "tiny"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return a deep copy of the preset ``name`` (so callers may edit it)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[name]
+    return Preset(p.name, dataclasses.replace(p.model), dataclasses.replace(p.train), p.description)
+
+
+def default_preset_name(dataset: str, cuda: bool) -> str:
+    """Name of the preset a run on ``dataset`` uses by default (CPU-sized where one exists and no GPU is present)."""
+    cpu, gpu = DEFAULT_PRESETS.get(dataset, ("tiny", "tiny"))
+    return gpu if cuda else cpu
+
+
+def check_image_shape(config: ModelConfig, image_shape, dataset: str = "the dataset") -> None:
+    """Raise a clear error when the data's image shape differs from the preset's."""
+    if tuple(image_shape) != tuple(config.image_shape):
+        raise ValueError(
+            f"{dataset} has images of shape {tuple(image_shape)} but preset {config.name!r} expects "
+            f"{tuple(config.image_shape)}; pick a matching --preset (see `python -m pyro_vlae.run --list-presets`)"
+        )

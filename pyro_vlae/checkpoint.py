@@ -1,0 +1,193 @@
+"""Atomic writes, safe checkpoint loading and the run-folder lock.
+
+Every file a run writes goes to a temporary file in the same folder first, is flushed and fsynced, then moved into
+place with ``os.replace``: a reader sees the old file or the new one, never a torn one.  Checkpoints load with
+``torch.load(..., weights_only=True)``, so a file carrying a pickled code payload is refused, and nothing executes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt, or not a pyro_vlae checkpoint."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training in the same run folder."""
+
+
+REQUIRED_KEYS = ("model", "guide", "optim", "step", "config")
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Serialise ``state`` with ``torch.save`` into memory, then write it atomically to ``path``."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True`` and check it is complete.
+
+    :raises CheckpointError: with a message naming the file and what to do, for a missing, truncated, corrupt or
+        unsafe file.  Nothing is partially loaded: callers receive the whole dict or an exception.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"no checkpoint at {path}; train first (python -m pyro_vlae.run ...) or point at a run folder that has "
+            "checkpoints/latest.pt"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects other than tensors and plain containers, which "
+                f"could execute code (torch.load weights_only=True rejected it: {text}). Only load checkpoints "
+                "written by pyro_vlae from sources you trust."
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {text}); resume from another checkpoint "
+            "in the same checkpoints/ folder or start a new run"
+        ) from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{path} is not a pyro_vlae checkpoint (missing {missing}); it cannot be resumed")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG state, stored in forms that weights_only loading accepts (tensors, ints, lists).
+
+
+def rng_state() -> dict:
+    """Capture the torch, CUDA, numpy and Python RNG states."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": _py_state_to_list(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _py_state_to_list(st):
+    version, internal, gauss = st
+    return [version, list(internal), gauss]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run-folder lock.
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive ``run.lock`` file holding the owner's PID.  A lock left by a dead process is taken over.
+
+    Use as a context manager; raises :class:`RunLockedError` when a live process holds it.
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, "run.lock")
+        self.held = False
+
+    def acquire(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        pid = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise RunLockedError(
+                        f"run folder {os.path.dirname(self.path)} is in use by process {pid} (lock file {self.path}); "
+                        "wait for it to finish, or use another --run-dir"
+                    ) from None
+                os.unlink(self.path)  # stale lock from a dead process
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def release(self):
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

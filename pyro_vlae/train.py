@@ -1,0 +1,389 @@
+"""The SVI training loop: ``data -> model/guide -> SVI -> checkpoint``, in small named steps.
+
+``train_step`` takes one SVI step, ``layer_kls`` measures the KL of each layer, ``evaluate_elbo`` the test ELBO,
+``save_run_checkpoint`` writes ``checkpoints/latest.pt`` atomically.  :class:`Trainer` strings them together with
+deterministic data order (so a resumed run continues exactly), SIGINT handling and NaN detection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.optim import Adam
+
+from .annealing import KLSchedule
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .guides import get_guide
+from .models import get_model
+from .nets import ModelConfig
+from .presets import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run: saved as ``config.json`` and inside every checkpoint."""
+
+    model_kind: str
+    dataset: str
+    preset: str
+    model: ModelConfig
+    train: TrainConfig
+    seed: int = 0
+    data_dir: str = "data"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "model_kind": self.model_kind,
+            "dataset": self.dataset,
+            "preset": self.preset,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "seed": self.seed,
+            "data_dir": self.data_dir,
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d)
+        return cls(
+            model_kind=d["model_kind"],
+            dataset=d["dataset"],
+            preset=d["preset"],
+            model=ModelConfig.from_dict(d["model"]),
+            train=TrainConfig.from_dict(d["train"]),
+            seed=int(d.get("seed", 0)),
+            data_dir=d.get("data_dir", "data"),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def build(config: RunConfig, device) -> tuple:
+    """Model, guide (on ``device``), Pyro Adam optimiser and SVI object.  Clears the param store first."""
+    pyro.clear_param_store()
+    model = get_model(config.model_kind, config.model).to(device)
+    guide = get_guide(config.model_kind, config.model).to(device)
+    optim = Adam({"lr": config.train.lr})
+    elbo_cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+    if config.train.elbo not in elbo_cls:
+        raise ValueError(f"--elbo must be one of {sorted(elbo_cls)}, got {config.train.elbo!r}")
+    svi = SVI(model, guide, optim, elbo_cls[config.train.elbo]())
+    return model, guide, optim, svi
+
+
+def train_step(svi: SVI, x: torch.Tensor, kl_scale: float) -> float:
+    """One SVI step on the batch ``x``; returns the (KL-scaled) negative ELBO summed over the batch."""
+    return svi.step(x, kl_scale=kl_scale)
+
+
+@torch.no_grad()
+def layer_kls(model, guide, x: torch.Tensor) -> dict:
+    """Per-layer KL ``E_q[log q(z_l|.) - log p(z_l|.)]`` per image, single-sample estimate, at ``kl_scale = 1``.
+
+    Also returns ``"recon"``, the reconstruction log-likelihood per image, so ``elbo = recon - sum(kl)``.
+    """
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        gtr = poutine.trace(guide).get_trace(x)
+        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
+    n = x.shape[0]
+    out = {}
+    for name in model.latent_sites:
+        z = gtr.nodes[name]["value"]
+        out[name] = float((gtr.nodes[name]["fn"].log_prob(z) - mtr.nodes[name]["fn"].log_prob(z)).sum()) / n
+    out["recon"] = float(mtr.nodes["x"]["fn"].log_prob(x).sum()) / n
+    return out
+
+
+@torch.no_grad()
+def evaluate_elbo(model, guide, batches, max_batches: int = 20) -> dict:
+    """Test ELBO per image (and per-layer KLs) over up to ``max_batches`` batches, in eval mode."""
+    was = model.training, guide.training
+    model.eval(), guide.eval()
+    totals, count = {}, 0
+    try:
+        for i, x in enumerate(batches):
+            if i >= max_batches:
+                break
+            kls = layer_kls(model, guide, x)
+            for k, v in kls.items():
+                totals[k] = totals.get(k, 0.0) + v * x.shape[0]
+            count += x.shape[0]
+    finally:
+        model.train(was[0]), guide.train(was[1])
+    if not count:
+        return {}
+    out = {k: v / count for k, v in totals.items()}
+    out["elbo"] = out["recon"] - sum(v for k, v in out.items() if k.startswith("z"))
+    out["num_images"] = count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deterministic data order.
+
+
+class BatchOrder:
+    """Batches drawn from a fresh seeded permutation each epoch, addressable by global step.
+
+    Step ``s`` always sees the same images for a given seed, so a resumed run reads the data a straight run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({n} images)")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = None, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+def fetch_batch(dataset, idx: torch.Tensor, tensors=None) -> torch.Tensor:
+    """Images of ``dataset`` at ``idx``: tensor indexing when the data is in memory, item by item otherwise."""
+    if tensors is not None:
+        return tensors[0][idx]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def save_run_checkpoint(run_dir: str, model, guide, optim, step: int, config: RunConfig, keep: bool = False) -> str:
+    """Write ``checkpoints/latest.pt`` (and ``step<k>.pt`` when ``keep``) atomically; returns the path."""
+    state = {
+        "model": model.state_dict(),
+        "guide": guide.state_dict(),
+        "optim": optim.get_state(),
+        "step": int(step),
+        "rng": rng_state(),
+        "config": config.to_dict(),
+        "format": 1,
+    }
+    folder = os.path.join(run_dir, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "latest.pt")
+    save_checkpoint(path, state)
+    if keep:
+        save_checkpoint(os.path.join(folder, f"step{step}.pt"), state)
+    return path
+
+
+def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
+    """Rebuild ``(model, guide, config, state)`` from a run folder's checkpoint (eval mode, on ``device``)."""
+    state = load_checkpoint(os.path.join(run_dir, "checkpoints", checkpoint), map_location=device)
+    config = RunConfig.from_dict(state["config"])
+    model, guide, _, _ = build(config, device)
+    model.load_state_dict(state["model"])
+    guide.load_state_dict(state["guide"])
+    model.eval(), guide.eval()
+    return model, guide, config, state
+
+
+def write_config(run_dir: str, config: RunConfig, argv=None) -> None:
+    d = config.to_dict()
+    if argv is not None:
+        d["command"] = list(argv)
+    atomic_write_json(os.path.join(run_dir, "config.json"), d)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only the ``metrics.jsonl`` lines at or before ``step`` (used when resuming)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+    atomic_write_text(path, "".join(kept))
+
+
+class _SigintFlag:
+    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    checkpoint: str
+    last_metrics: dict
+    seconds: float
+
+
+def is_finite(loss: float) -> bool:
+    return isinstance(loss, float) and math.isfinite(loss)
+
+
+def fit(
+    config: RunConfig, bundle, run_dir: str, device, *, resume: dict | None = None, progress: bool = True, log=print
+) -> TrainResult:
+    """Train ``config`` on ``bundle`` in ``run_dir``; resume from a loaded checkpoint dict when given.
+
+    :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
+    """
+    from tqdm.auto import tqdm
+
+    tc = config.train
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    if resume is None:
+        pyro.set_rng_seed(config.seed)
+    model, guide, optim, svi = build(config, device)
+    start = 0
+    ckpt_path = os.path.join(run_dir, "checkpoints", "latest.pt")
+    last_good = None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        guide.load_state_dict(resume["guide"])
+        optim.set_state(resume["optim"])
+        if "rng" in resume:
+            set_rng_state(resume["rng"])
+        start = int(resume["step"])
+        last_good = ckpt_path
+    model.train(), guide.train()
+    tensors = bundle.tensors("train")
+    order = BatchOrder(len(bundle.train), tc.batch_size, config.seed)
+    schedule = KLSchedule(tc.anneal)
+    binarize = config.model.likelihood == "bernoulli"
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    writer = _tensorboard(run_dir, log)
+    step, t0, last = start, time.time(), {}
+    window_t, window_n = time.time(), 0
+    interrupted = False
+    bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, dynamic_ncols=True, desc=config.model_kind)
+    with _SigintFlag() as sigint, open(metrics_path, "a") as metrics:
+        while step < tc.num_steps:
+            x = fetch_batch(bundle.train, order.indices(step), tensors).to(device, non_blocking=True)
+            if binarize:
+                x = torch.bernoulli(x)
+            kl_scale = schedule(step)
+            loss = train_step(svi, x, kl_scale)
+            if not is_finite(float(loss)):
+                bar.close()
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {step + 1}; training stopped. The last good checkpoint is "
+                    f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
+                    "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
+                )
+            step += 1
+            window_n += x.shape[0]
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                now = time.time()
+                last = _log_record(
+                    model, guide, x, step, loss, kl_scale, window_n / max(now - window_t, 1e-9), now - t0
+                )
+                window_t, window_n = now, 0
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    for k, v in last.items():
+                        if isinstance(v, (int, float)) and k != "step":
+                            writer.add_scalar(k, v, step)
+                bar.set_postfix(_postfix(last), refresh=False)
+            if sigint.raised:
+                interrupted = True
+                break
+            if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                keep = bool(tc.keep_every) and step % tc.keep_every == 0
+                last_good = save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    path = save_run_checkpoint(run_dir, model, guide, optim, step, config)
+    if interrupted:
+        log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
+    model.eval(), guide.eval()
+    return TrainResult(step, interrupted, path, last, time.time() - t0)
+
+
+def _log_record(model, guide, x, step, loss, kl_scale, img_per_s, elapsed) -> dict:
+    was = model.training, guide.training
+    model.eval(), guide.eval()  # no batch-norm statistics are updated by logging
+    try:
+        kls = layer_kls(model, guide, x)
+    finally:
+        model.train(was[0]), guide.train(was[1])
+    kl_total = sum(v for k, v in kls.items() if k.startswith("z"))
+    rec = {
+        "step": step,
+        "loss": float(loss) / x.shape[0],
+        "kl_scale": kl_scale,
+        "elbo": kls["recon"] - kl_total,
+        "recon": kls["recon"],
+        "img_per_s": img_per_s,
+        "elapsed_s": elapsed,
+    }
+    rec.update({f"kl_{k}": v for k, v in kls.items() if k.startswith("z")})
+    return rec
+
+
+def _postfix(rec: dict) -> dict:
+    out = {"loss": f"{rec['loss']:.1f}", "elbo": f"{rec['elbo']:.1f}"}
+    out.update({k[3:]: f"{v:.2f}" for k, v in rec.items() if k.startswith("kl_z")})
+    out["img/s"] = f"{rec['img_per_s']:.0f}"
+    return out
+
+
+def _tensorboard(run_dir, log):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    try:
+        return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    except Exception as e:  # pragma: no cover - optional extra
+        log(f"tensorboard logging disabled: {e}")
+        return None

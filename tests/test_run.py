@@ -1,0 +1,163 @@
+"""The command line, end to end on tiny synthetic data (subprocesses, as Pyro's tests/test_examples.py does)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyro_vlae import data as D
+from pyro_vlae import run as R
+from pyro_vlae.checkpoint import load_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "pyro_vlae.run", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ENV,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("model", ["vlae", "hvae"])
+def test_cli_smoke_run_writes_the_run_folder(model, tmp_path):
+    run = tmp_path / "run"
+    out = cli(
+        "--model",
+        model,
+        "--dataset",
+        "synthetic",
+        "--num-steps",
+        "12",
+        "--log-every",
+        "4",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+    )
+    assert out.returncode == 0, out.stderr
+    for rel in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints/latest.pt",
+        "eval.json",
+        "figures/reconstructions.png",
+        "figures/prior_samples.png",
+        "figures/interventions.png",
+        "figures/intervention_layer3.png",
+    ):
+        assert (run / rel).is_file(), rel
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model_kind"] == model and cfg["preset"] == "tiny" and cfg["train"]["num_steps"] == 12
+    assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12]
+    assert load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 12
+    assert "figures written" in out.stdout and "trained 12 steps" in out.stdout
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["test"]["num_images"] > 0 and ev["test"]["elbo"] < 0
+    assert not (run / "run.lock").exists()
+    # A second fresh run into the same folder is refused; --visualize-only rewrites the figures.
+    again = cli("--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), "--no-progress")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    (run / "figures" / "prior_samples.png").unlink()
+    vis = cli("--visualize-only", str(run))
+    assert vis.returncode == 0 and (run / "figures" / "prior_samples.png").is_file()
+
+
+def test_cli_help_from_any_directory(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pyro_vlae.run", "--help"], capture_output=True, text=True, cwd=tmp_path, env=ENV
+    )
+    assert out.returncode == 0 and "--num-steps" in out.stdout and "--resume" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-steps", "-3"], "must be a positive integer"),
+        (["--batch-size", "0"], "must be a positive integer"),
+        (["--model", "nope"], "invalid choice"),
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--anneal", "const:0"], "must be a finite number > 0"),
+        (["--lr", "-1"], "must be > 0"),
+        (["--num-steps", "3", "--epochs", "2"], "not allowed with argument"),
+    ],
+    ids=["neg-steps", "batch0", "model", "dataset", "kl0", "lr", "steps+epochs"],
+)
+def test_bad_flags_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(D, "_torchvision_download", lambda *a, **k: "network unreachable")
+    monkeypatch.setattr(D, "_fashion_debian_dir", lambda: tmp_path / "nowhere")
+    code = R.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert "dataset-fashion-mnist" in err and "FashionMNIST" in err
+
+
+def test_preset_shape_mismatch_names_both_shapes(tmp_path, capsys):
+    code = R.main(["--dataset", "synthetic", "--preset", "mnist-cpu", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "(1, 16, 16)" in err and "(1, 28, 28)" in err
+
+
+def test_sigint_checkpoints_and_resume_finishes(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "pyro_vlae.run",
+        "--dataset",
+        "synthetic",
+        "--num-steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "100000",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--no-figures",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"]
+    assert 1 <= step < 100000 and "--resume" in out
+    res = cli("--resume", str(run), "--num-steps", str(step + 5), "--no-progress", "--no-figures")
+    assert res.returncode == 0, res.stderr
+    assert load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == step + 5
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run = tmp_path / "run"
+    assert (
+        cli(
+            "--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), "--no-progress", "--no-figures"
+        ).returncode
+        == 0
+    )
+    out = cli("--resume", str(run), "--model", "hvae", "--no-progress", "--no-figures")
+    assert out.returncode == 2 and "--model hvae (the run has vlae)" in out.stderr and "--force-config" in out.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert R.main(["--resume", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

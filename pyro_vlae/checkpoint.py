@@ -76,11 +76,13 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Weights only load failed" in str(e):
+        msg = str(e)
+        if "GLOBAL" in msg or "Unsupported global" in msg:
+            bad = msg.split("GLOBAL", 1)[1].split()[0] if "GLOBAL" in msg else "an object"
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects other than tensors and plain containers, which "
-                f"could execute code (torch.load weights_only=True rejected it: {text}). Only load checkpoints "
-                "written by pyro_vlae from sources you trust."
+                f"refusing to load {path}: it holds a pickled Python object ({bad}) that could execute code, and "
+                "torch.load(weights_only=True) rejected it. Nothing was executed. Only load checkpoints written by "
+                "pyro_vlae from sources you trust."
             ) from None
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {text}); resume from another checkpoint "

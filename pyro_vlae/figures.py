@@ -1,5 +1,6 @@
-"""The figures a run writes under ``figures/``: reconstructions, prior samples, per-layer interventions and
-traversals.  Each is a plain function of a trained model; :func:`write_figures` writes them all."""
+"""The figures a run writes under ``figures/``: reconstructions, prior samples, per-layer interventions,
+traversals and the Gibbs chain of Fig. 2.  Each is a plain function of a trained model; :func:`write_figures` writes
+them all."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import torch
 
+from . import gibbs as gb
 from . import interventions as iv
 from .plotting import save_panels
 
@@ -96,6 +98,41 @@ def traversal_figures(folder, model, config, grid=9, span=2.0, seed=0, dims=None
     return paths
 
 
+def gibbs_figure(path, model, guide, config, x_test, num_chains=8, burn_in=20, thin=5, columns=8, seed=0) -> str:
+    """Fig. 2: Gibbs chains that use only the bottom layer (Eq. 6) beside ancestral samples of the whole model.
+
+    Chains start at test images spread over ``x_test`` (left column).  Each row of a Gibbs panel is one chain: the
+    mean of ``p(x | z^{(t)})`` at steps ``burn_in + thin, burn_in + 2 thin, ...``.  For the VLAE and the autoregressive
+    HVAE a second panel runs the chain on every layer (Eq. 16, Proposition 2).  The right panel holds mean images of
+    ancestral samples ``z_L -> ... -> z_1 -> x`` (all layers from ``N(0, I)`` for the VLAE and VAE).
+    """
+    num_steps = burn_in + thin * columns
+    starts = gb.chain_starts(model, x_test, num_chains, seed)
+    steps = list(range(burn_in + thin, num_steps + 1, thin))
+    sites = list(model.latent_sites)
+    keeps = [(sites[0],)]
+    if config.model_kind in ("vlae", "hvae-ar") and len(sites) > 1:
+        keeps.append(tuple(sites))
+    panels = [("chain starts x(0)\n(test images)", starts, 1)]
+    for i, keep in enumerate(keeps):
+        res = gb.gibbs_chain(model, guide, starts, num_steps, keep=keep, seed=seed + i)
+        shown = res.means[[t - 1 for t in steps]].transpose(0, 1)  # (chains, columns, C, H, W)
+        what = "bottom layer z1 only (Eq. 6)" if keep == (sites[0],) else "all layers (Eq. 16)"
+        if len(sites) == 1:
+            what = "z1 (Eq. 16)"
+        title = f"Gibbs chain on {what}\nrow = chain, steps {steps[0]}..{steps[-1]} every {thin}"
+        panels.append((title, shown.reshape(-1, *shown.shape[2:]), columns))
+    ancestral = gb.ancestral_means(model, num_chains * columns, seed=seed)
+    if iv._is_stacked(model):
+        chain = " -> ".join(reversed(sites)) + " -> x"
+    else:
+        chain = f"{sites[0]}..{sites[-1]} ~ N(0, I) -> x" if len(sites) > 1 else f"{sites[0]} ~ N(0, I) -> x"
+    panels.append((f"ancestral samples of the full model\n{chain}", ancestral, columns))
+    return save_panels(
+        path, panels, f"{_name(config)} on {config.dataset}: Gibbs chain vs ancestral sampling (mean images)"
+    )
+
+
 def write_figures(run_dir, model, guide, config, x_test, log=print) -> list:
     """Write every figure for a trained run into ``run_dir/figures``; returns the paths."""
     folder = os.path.join(run_dir, "figures")
@@ -107,6 +144,9 @@ def write_figures(run_dir, model, guide, config, x_test, log=print) -> list:
     ]
     if len(model.latent_sites) > 1:
         paths += intervention_figures(folder, model, config)
+    paths.append(gibbs_figure(os.path.join(folder, "gibbs_vs_ancestral.png"), model, guide, config, x_test))
     if config.model_kind in ("vlae", "vae"):
-        paths += traversal_figures(folder, model, config)
+        shapes = iv.latent_shapes(model)
+        dims = {s: iv.top_kl_dims(model, guide, x_test[:256], s) for s, shp in shapes.items() if shp[0] > 2}
+        paths += traversal_figures(folder, model, config, dims=dims)
     return paths

@@ -6,7 +6,9 @@ import pyro
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread unless asked otherwise: tests are tiny, and two processes each spinning two threads on a
+# two-core machine slow each other down many times over.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -48,6 +48,9 @@ class VLAEModel(PyroModule):
         dec_in = self.inject[0].out_dim if L > 1 else H
         self.decoder = DeconvDecoder(dec_in, c.image_shape, c.channels, bn, "relu")
         self.likelihood = Likelihood(c.likelihood, c.image_shape, c.obs_scale, c.value_range)
+        # Gain on each ladder input v_l(z_l), l = 1 .. L-1.  It is 1 except while a progressive schedule fades the
+        # lower layers in (pyro_vlae.annealing.ladder_gains); recomputed from the step, so not saved.
+        self.register_buffer("ladder_gain", torch.ones(max(L - 1, 0)), persistent=False)
 
     @property
     def latent_sites(self):
@@ -58,7 +61,7 @@ class VLAEModel(PyroModule):
         L = self.config.num_layers
         path = self.top(zs[L - 1])
         for l in range(L - 1, 0, -1):  # l is the 1-based layer index of the code entering now
-            joined = self.inject[l - 1](path, self.ladder[l - 1](zs[l - 1]))
+            joined = self.inject[l - 1](path, self.ladder_gain[l - 1] * self.ladder[l - 1](zs[l - 1]))
             path = joined if l == 1 else self.combine[l - 2](joined)
         return self.decoder(path)
 

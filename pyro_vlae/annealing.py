@@ -49,3 +49,23 @@ class KLSchedule:
 
     def __repr__(self):
         return f"KLSchedule({self.spec!r})"
+
+
+def ladder_gains(step: int, num_layers: int, fade_in: int):
+    """Progressive fade-in of the VLAE's lower layers (an option; 0 turns it off).
+
+    The top code ``z_L`` is used from the start; the ladder input of ``z_{L-1}`` ramps linearly from 0 to 1 over
+    steps ``[fade_in, 2 fade_in]``, that of ``z_{L-2}`` over ``[2 fade_in, 3 fade_in]``, and so on down to ``z_1``.
+    While a layer's gain is 0 its code cannot affect ``x``, so the layers above must explain the data first: the
+    most important factors settle at the top before the lower layers join (the idea of progressive VLAE training).
+    The model is the same VLAE afterwards; every gain is 1 once ``step >= L * fade_in``.
+
+    :returns: a list of gains for ``z_1 .. z_{L-1}``.
+    """
+    if fade_in <= 0:
+        return [1.0] * (num_layers - 1)
+    gains = []
+    for l in range(1, num_layers):
+        start = (num_layers - l) * fade_in
+        gains.append(min(1.0, max(0.0, (step - start) / fade_in)))
+    return gains

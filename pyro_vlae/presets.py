@@ -28,6 +28,8 @@ class TrainConfig:
     :param log_every: steps between ``metrics.jsonl`` lines.
     :param checkpoint_every: steps between checkpoints (one is always written at the end).
     :param keep_every: steps between checkpoints kept as ``step<k>.pt`` besides ``latest.pt`` (0: none).
+    :param fade_in: VLAE only: steps per layer of the progressive fade-in of lower layers (0: off), see
+        :func:`pyro_vlae.annealing.ladder_gains`.
     """
 
     num_steps: int = 5000
@@ -38,6 +40,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_every: int = 0
+    fade_in: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

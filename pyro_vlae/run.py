@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo", choices=["trace", "meanfield"], help="Trace_ELBO (default) or TraceMeanField_ELBO")
     p.add_argument("--beta", type=_positive_float, help="KL weight of the flat VAE (beta-VAE); default 1")
     p.add_argument("--noise-injection", choices=["concat", "gated_add"], help="VLAE ladder combination")
+    p.add_argument(
+        "--fade-in", type=int, help="VLAE: steps per layer of a progressive fade-in of lower layers (0: off)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default="data", help="where datasets are looked for (default: ./data)")
@@ -132,6 +135,7 @@ def _config_from_args(args, image_shape, cuda: bool) -> RunConfig:
             "elbo": args.elbo,
             "log_every": args.log_every,
             "checkpoint_every": args.checkpoint_every,
+            "fade_in": args.fade_in,
             "keep_every": args.keep_every,
         }.items()
         if v is not None

@@ -20,7 +20,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
-from .annealing import KLSchedule
+from .annealing import KLSchedule, ladder_gains
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .guides import get_guide
 from .models import get_model
@@ -309,6 +309,8 @@ def fit(
             if binarize:
                 x = torch.bernoulli(x)
             kl_scale = schedule(step)
+            if tc.fade_in and hasattr(model, "ladder_gain"):
+                model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, tc.fade_in)))
             loss = train_step(svi, x, kl_scale)
             if not is_finite(float(loss)):
                 bar.close()

@@ -137,3 +137,44 @@ def test_fit_leaves_param_store_consistent_with_modules(bundle, tmp_path):
     store = pyro.get_param_store()
     assert len(store.keys()) > 0
     assert os.path.exists(tmp_path / "checkpoints" / "latest.pt")
+
+
+def test_ladder_gains_fade_lower_layers_in_from_the_top():
+    from pyro_vlae.annealing import ladder_gains
+
+    assert ladder_gains(0, 3, 0) == [1.0, 1.0]
+    assert ladder_gains(0, 3, 100) == [0.0, 0.0]
+    assert ladder_gains(150, 3, 100) == [0.0, 0.5]  # z2 fades in over steps 100..200
+    assert ladder_gains(250, 3, 100) == [0.5, 1.0]  # then z1 over 200..300
+    assert ladder_gains(300, 3, 100) == [1.0, 1.0]
+
+
+def test_zero_gain_cuts_a_layer_off_and_resume_with_fade_in_is_exact(bundle, tmp_path):
+    from pyro import poutine
+
+    model, _, _, _ = T.build(tiny_config(), "cpu")
+    model.eval()
+    model.ladder_gain.zero_()
+    codes = {"z2": torch.zeros(3, 2), "z3": torch.ones(3, 2)}
+    a = poutine.condition(model, data={**codes, "z1": torch.zeros(3, 2)})(batch_size=3)
+    b = poutine.condition(model, data={**codes, "z1": 5 * torch.ones(3, 2)})(batch_size=3)
+    assert torch.equal(a, b)
+    cfg = tiny_config(num_steps=8, fade_in=2)
+    straight = T.fit(cfg, bundle, str(tmp_path / "a"), "cpu", progress=False)
+    T.fit(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=3)),
+        bundle,
+        str(tmp_path / "b"),
+        "cpu",
+        progress=False,
+    )
+    resumed = T.fit(
+        cfg,
+        bundle,
+        str(tmp_path / "b"),
+        "cpu",
+        progress=False,
+        resume=load_checkpoint(str(tmp_path / "b" / "checkpoints" / "latest.pt")),
+    )
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

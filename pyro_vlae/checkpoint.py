@@ -3,10 +3,14 @@
 Every file a run writes goes to a temporary file in the same folder first, is flushed and fsynced, then moved into
 place with ``os.replace``: a reader sees the old file or the new one, never a torn one.  Checkpoints load with
 ``torch.load(..., weights_only=True)``, so a file carrying a pickled code payload is refused, and nothing executes.
+Each checkpoint ends with a SHA-256 digest of its bytes, so a file altered after it was written (a flipped bit in a
+weight, which torch's zip reader does not notice) is refused too.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
 import json
 import os
@@ -26,6 +30,9 @@ class RunLockedError(RuntimeError):
 
 
 REQUIRED_KEYS = ("model", "guide", "optim", "step", "config")
+#: Marks the SHA-256 trailer: ``torch.save`` bytes, this marker, then the 32-byte digest of those bytes.  torch.load
+#: ignores bytes after the zip archive, so the files still load with a plain ``torch.load``.
+DIGEST_MARKER = b"PYRO_VLAE_SHA256"
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -54,11 +61,35 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _verified_body(path: str, data: bytes) -> bytes:
+    """The ``torch.save`` bytes of a checkpoint file after checking its SHA-256 trailer.
+
+    A file without a trailer (written before it existed) is returned unchecked; a cut or mismatching trailer raises.
+    """
+    size = len(DIGEST_MARKER) + 32
+    at = data.rfind(DIGEST_MARKER, max(0, len(data) - size))
+    if at >= 0 and at == len(data) - size:
+        body = data[:at]
+        if hashlib.sha256(body).digest() != data[at + len(DIGEST_MARKER) :]:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its SHA-256 digest does not match its content, so it changed after "
+                "it was written; resume from another checkpoint in the same checkpoints/ folder or start a new run"
+            )
+        return body
+    if at >= 0 or any(data.endswith(DIGEST_MARKER[:k]) for k in range(1, len(DIGEST_MARKER))):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated (its SHA-256 trailer is cut short); resume from another "
+            "checkpoint in the same checkpoints/ folder or start a new run"
+        )
+    return data
+
+
 def save_checkpoint(path: str, state: dict) -> None:
-    """Serialise ``state`` with ``torch.save`` into memory, then write it atomically to ``path``."""
+    """Serialise ``state`` with ``torch.save`` into memory, add its SHA-256 trailer, write it atomically to ``path``."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    atomic_write_bytes(path, data + DIGEST_MARKER + hashlib.sha256(data).digest())
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -72,8 +103,11 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             f"no checkpoint at {path}; train first (python -m pyro_vlae.run ...) or point at a run folder that has "
             "checkpoints/latest.pt"
         )
+    with open(path, "rb") as f:
+        data = f.read()
+    data = _verified_body(path, data)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = str(e)
@@ -84,6 +118,8 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
                 "torch.load(weights_only=True) rejected it. Nothing was executed. Only load checkpoints written by "
                 "pyro_vlae from sources you trust."
             ) from None
+        if "WeightsUnpickler error:" in msg:  # torch's own text suggests weights_only=False: never repeat that
+            text = " ".join(msg.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {text}); resume from another checkpoint "
             "in the same checkpoints/ folder or start a new run"
@@ -137,6 +173,22 @@ def _py_state_to_list(st):
 # Run-folder lock.
 
 
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the ``.<name>.<random>.tmp`` files that a process killed during :func:`atomic_write_bytes` left behind.
+
+    Only call this while holding the folder's :class:`RunLock`: a live writer's temporary file would be deleted too.
+    Returns the paths removed.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), ".*.tmp")):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -177,6 +229,7 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             self.held = True
+            remove_stale_temporaries(os.path.join(os.path.dirname(self.path), "checkpoints"))
             return self
         raise RunLockedError(f"could not take the lock {self.path}")
 

@@ -296,7 +296,8 @@ def _load_svhn(root: Path, extra: bool, download: bool) -> tuple:
 
 # -------------------------------------------------------------------------------------------------- CelebA
 def _to_rgb(img):
-    return img.convert("RGB")
+    with img:  # closes the file even when a truncated image fails to decode
+        return img.convert("RGB")
 
 
 class CelebAImages(Dataset):

@@ -30,6 +30,7 @@ from .nets import LIKELIHOODS
 from .train import (
     RunConfig,
     TrainingDiverged,
+    build,
     evaluate_elbo,
     fit,
     load_run,
@@ -47,6 +48,25 @@ def _positive_int(text):
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
+
+
+def _nonnegative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _device(text):
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:<index>") from None
+    return text
 
 
 def _positive_float(text):
@@ -73,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a VLAE, stacked HVAE or VAE with Pyro SVI and write a run folder "
         "(config.json, metrics.jsonl, checkpoints/, figures/, eval.json).",
     )
-    p.add_argument("--model", choices=sorted(GUIDES), default="vlae", help="model/guide pair (default: vlae)")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="dataset (default: mnist)")
+    # --model and --dataset default to None so that a resume can tell a flag given as "vlae" from no flag.
+    p.add_argument("--model", choices=sorted(GUIDES), help="model/guide pair (default: vlae)")
+    p.add_argument("--dataset", choices=DATASETS, help="dataset (default: mnist)")
     p.add_argument("--preset", choices=sorted(P.PRESETS), help="architecture preset (default: by dataset and device)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--num-steps", type=_positive_int, help="SVI steps (default: the preset's)")
@@ -90,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fade-in", type=int, help="VLAE: steps per layer of a progressive fade-in of lower layers (0: off)"
     )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data-dir", default="data", help="where datasets are looked for (default: ./data)")
     p.add_argument("--sprites-size", type=int, choices=[32, 64], help="sprites image size (default: from preset)")
     p.add_argument("--run-dir", help="run folder (default: runs/<model>_<dataset>_seed<k>_<time>)")
@@ -101,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize-only", metavar="RUN_DIR", help="only (re)write the figures of a trained run")
     p.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl lines")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
-    p.add_argument("--keep-every", type=int, help="also keep checkpoints/step<k>.pt every this many steps")
+    p.add_argument("--keep-every", type=_nonnegative_int, help="also keep checkpoints/step<k>.pt every this many steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-figures", action="store_true", help="skip writing figures at the end")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
@@ -113,8 +134,8 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
-def _config_from_args(args, image_shape, cuda: bool) -> RunConfig:
-    preset = P.get_preset(args.preset or P.default_preset_name(args.dataset, cuda))
+def _overrides(args) -> tuple:
+    """``(model, train)``: the settings given on the command line, as dicts of the config fields they replace."""
     model_over = {
         k: v
         for k, v in {
@@ -140,19 +161,56 @@ def _config_from_args(args, image_shape, cuda: bool) -> RunConfig:
         }.items()
         if v is not None
     }
+    return model_over, train_over
+
+
+def _config_from_args(args, image_shape, cuda: bool) -> RunConfig:
+    preset = P.get_preset(args.preset or P.default_preset_name(args.dataset, cuda))
+    model_over, train_over = _overrides(args)
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over)
     P.check_image_shape(model, image_shape, args.dataset)
     return RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
 
 
-def _resume_conflicts(args, saved: RunConfig, parser) -> list:
+def _forced_config(args, saved: RunConfig, cuda: bool) -> RunConfig:
+    """``--force-config``: the saved run with only the flags given on the command line changed."""
+    model_over, train_over = _overrides(args)
+    dataset = args.dataset or saved.dataset
+    preset = args.preset or (saved.preset if dataset == saved.dataset else P.default_preset_name(dataset, cuda))
+    model = saved.model if preset == saved.preset else P.get_preset(preset).model
+    return RunConfig(
+        args.model or saved.model_kind,
+        dataset,
+        preset,
+        dataclasses.replace(model, **model_over),
+        dataclasses.replace(saved.train, **train_over),
+        saved.seed,
+        saved.data_dir,
+        dict(saved.extra),
+    )
+
+
+def _check_weights_fit(config: RunConfig, state: dict) -> None:
+    """Refuse a forced configuration whose networks cannot take the checkpoint's weights."""
+    model, guide, _, _ = build(config, "cpu")
+    try:
+        model.load_state_dict(state["model"])
+        guide.load_state_dict(state["guide"])
+    except RuntimeError as e:
+        why = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit a {config.model_kind} model with preset {config.preset} ({why}); "
+            "--force-config can change training settings, not the architecture: start a new run instead"
+        ) from None
+
+
+def _resume_conflicts(args, saved: RunConfig) -> list:
     """Flags given on the command line that contradict the saved run (model, dataset, preset, architecture)."""
     out = []
-    defaults = parser.parse_args([])
     for flag, saved_value in (("model", saved.model_kind), ("dataset", saved.dataset), ("preset", saved.preset)):
         value = getattr(args, flag)
-        if value is not None and value != getattr(defaults, flag) and value != saved_value:
+        if value is not None and value != saved_value:
             out.append(f"--{flag} {value} (the run has {saved_value})")
     for flag in ("likelihood", "obs_scale", "beta", "noise_injection"):
         value = getattr(args, flag)
@@ -223,18 +281,20 @@ def main(argv=None) -> int:
         if args.resume:
             resume = load_checkpoint(os.path.join(args.resume, "checkpoints", "latest.pt"))
             config = RunConfig.from_dict(resume["config"])
-            conflicts = _resume_conflicts(args, config, parser)
+            conflicts = _resume_conflicts(args, config)
             if conflicts and not args.force_config:
                 return _fail(
                     f"refusing to resume {args.resume}: {'; '.join(conflicts)}. Drop those flags, or pass "
                     "--force-config to override the saved configuration"
                 )
             if conflicts:
-                config = _config_from_args(args, config.model.image_shape, device.type == "cuda")
+                config = _forced_config(args, config, device.type == "cuda")
+                _check_weights_fit(config, resume)
             if args.num_steps:
                 config.train.num_steps = args.num_steps
             run_dir = args.resume
         else:
+            args.model, args.dataset = args.model or "vlae", args.dataset or "mnist"
             bundle_probe = None
             cuda = device.type == "cuda"
             preset_name = args.preset or P.default_preset_name(args.dataset, cuda)
@@ -262,7 +322,8 @@ def main(argv=None) -> int:
         _check_writable(run_dir)
         with RunLock(run_dir):
             bundle = bundle_probe if not args.resume else _data(config, args)
-            if args.resume:
+            if args.resume:  # a forced change of dataset must still match the network
+                P.check_image_shape(config.model, bundle.image_shape, config.dataset)
                 truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(resume["step"]))
             write_config(run_dir, config, argv=sys.argv if argv is None else ["python", "-m", "pyro_vlae.run", *argv])
             print(

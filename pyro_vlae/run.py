@@ -6,6 +6,7 @@ Examples::
     python -m pyro_vlae.run --model hvae --num-steps 6000     # the stacked HVAE of matched capacity
     python -m pyro_vlae.run --resume runs/vlae_mnist_seed0_...  # continue a run exactly where it stopped
     python -m pyro_vlae.run --visualize-only runs/vlae_mnist_seed0_...
+    torchrun --nproc-per-node 4 -m pyro_vlae.run --model vlae  # data-parallel: 4 processes of --batch-size each
 
 ``main(argv)`` is callable from Python and returns the exit code.
 """
@@ -13,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+from . import distributed as D
 from . import presets as P
 from .annealing import SCHEDULE_HELP, KLSchedule
 from .checkpoint import CheckpointError, RunLock, RunLockedError, atomic_write_json, load_checkpoint
@@ -124,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
     p.add_argument("--keep-every", type=_nonnegative_int, help="also keep checkpoints/step<k>.pt every this many steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--sync-batch-norm",
+        action="store_true",
+        help="under torchrun: batch-norm statistics of the global batch instead of each process's own",
+    )
     p.add_argument("--no-figures", action="store_true", help="skip writing figures at the end")
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     return p
@@ -272,10 +280,11 @@ def main(argv=None) -> int:
             print(f"{name:12s} {preset.model.image_shape}  {preset.description}")
         return 0
     try:
-        device = resolve_device(args.device)
+        par, device = D.join(resolve_device(args.device))  # under torchrun: this rank's process group and device
         if args.visualize_only:
-            paths = visualize(args.visualize_only, device)
-            print("figures written:\n  " + "\n  ".join(paths))
+            if par.is_lead:
+                paths = visualize(args.visualize_only, device)
+                print("figures written:\n  " + "\n  ".join(paths))
             return 0
         resume = None
         if args.resume:
@@ -310,33 +319,43 @@ def main(argv=None) -> int:
             )
             config = _config_from_args(args, bundle_probe.image_shape, cuda)
             if args.epochs:
-                config.train.num_steps = args.epochs * (len(bundle_probe.train) // config.train.batch_size)
+                config.train.num_steps = args.epochs * (
+                    len(bundle_probe.train) // (config.train.batch_size * par.world_size)
+                )
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = args.run_dir or os.path.join(
-                args.runs_root, f"{args.model}_{args.dataset}_seed{args.seed}_{stamp}"
+            run_dir = par.broadcast(
+                args.run_dir or os.path.join(args.runs_root, f"{args.model}_{args.dataset}_seed{args.seed}_{stamp}")
             )
         if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
             return _fail(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --run-dir"
             )
-        _check_writable(run_dir)
-        with RunLock(run_dir):
+        D.note_in_config(config, par, args.sync_batch_norm, resuming=bool(args.resume))
+        if par.is_lead:  # only rank 0 writes
+            _check_writable(run_dir)
+        with RunLock(run_dir) if par.is_lead else contextlib.nullcontext():
             bundle = bundle_probe if not args.resume else _data(config, args)
             if args.resume:  # a forced change of dataset must still match the network
                 P.check_image_shape(config.model, bundle.image_shape, config.dataset)
+            if args.resume and par.is_lead:
                 truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(resume["step"]))
-            write_config(run_dir, config, argv=sys.argv if argv is None else ["python", "-m", "pyro_vlae.run", *argv])
-            print(
-                f"run folder: {run_dir}\ndata: {bundle.name} from {bundle.source}, {len(bundle.train)} train / "
-                f"{len(bundle.test)} test images of shape {bundle.image_shape}\nmodel: {config.model_kind}, preset "
-                f"{config.preset}, device {device}, {config.train.num_steps} steps of batch {config.train.batch_size}"
-            )
+            if par.is_lead:
+                argv_ = sys.argv if argv is None else ["python", "-m", "pyro_vlae.run", *argv]
+                write_config(run_dir, config, argv=argv_)
+                print(
+                    f"run folder: {run_dir}\ndata: {bundle.name} from {bundle.source}, {len(bundle.train)} train / "
+                    f"{len(bundle.test)} test images of shape {bundle.image_shape}\nmodel: {config.model_kind}, "
+                    f"preset {config.preset}, device {device}, {config.train.num_steps} steps of batch "
+                    f"{config.train.batch_size}" + (f" x {par.world_size} processes" if par.world_size > 1 else "")
+                )
             result = fit(config, bundle, run_dir, device, resume=resume, progress=not args.no_progress)
             if result.interrupted:
                 return 130
-            return _finish(run_dir, config, bundle, result, device, args)
+            return _finish(run_dir, config, bundle, result, device, args) if par.is_lead else 0
     except (DatasetError, CheckpointError, RunLockedError, TrainingDiverged, ValueError, OSError) as e:
         return _fail(str(e), 1 if isinstance(e, TrainingDiverged) else 2)
+    finally:
+        D.leave()
 
 
 def _finish(run_dir, config, bundle, result, device, args) -> int:

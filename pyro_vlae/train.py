@@ -2,7 +2,8 @@
 
 ``train_step`` takes one SVI step, ``layer_kls`` measures the KL of each layer, ``evaluate_elbo`` the test ELBO,
 ``save_run_checkpoint`` writes ``checkpoints/latest.pt`` atomically.  :class:`Trainer` strings them together with
-deterministic data order (so a resumed run continues exactly), SIGINT handling and NaN detection.
+deterministic data order (so a resumed run continues exactly), SIGINT handling and NaN detection.  Under torchrun
+the same loop trains data-parallel through :mod:`pyro_vlae.distributed`, with only rank 0 writing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
+from . import distributed
 from .annealing import KLSchedule, ladder_gains
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .guides import get_guide
@@ -277,7 +279,9 @@ def fit(
     from tqdm.auto import tqdm
 
     tc = config.train
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    par = distributed.current(device)  # SingleProcess outside torchrun: every call below is then the identity
+    if par.is_lead:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     if resume is None:
         pyro.set_rng_seed(config.seed)
     model, guide, optim, svi = build(config, device)
@@ -293,21 +297,23 @@ def fit(
         start = int(resume["step"])
         last_good = ckpt_path
     model.train(), guide.train()
+    svi = par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
     tensors = bundle.tensors("train")
-    order = BatchOrder(len(bundle.train), tc.batch_size, config.seed)
+    order = BatchOrder(len(bundle.train), tc.batch_size * par.world_size, config.seed)  # the global batch
     schedule = KLSchedule(tc.anneal)
     binarize = config.model.likelihood == "bernoulli"
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    writer = _tensorboard(run_dir, log)
+    writer = _tensorboard(run_dir, log) if par.is_lead else None
     step, t0, last = start, time.time(), {}
     window_t, window_n = time.time(), 0
     interrupted = False
+    progress = progress and par.is_lead
     bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, dynamic_ncols=True, desc=config.model_kind)
-    with _SigintFlag() as sigint, open(metrics_path, "a") as metrics:
+    with _SigintFlag() as sigint, open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
         while step < tc.num_steps:
-            x = fetch_batch(bundle.train, order.indices(step), tensors).to(device, non_blocking=True)
+            x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
             if binarize:
-                x = torch.bernoulli(x)
+                x = par.bernoulli(x)
             kl_scale = schedule(step)
             if tc.fade_in and hasattr(model, "ladder_gain"):
                 model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, tc.fade_in)))
@@ -320,13 +326,13 @@ def fit(
                     "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
                 )
             step += 1
-            window_n += x.shape[0]
+            window_n += x.shape[0] * par.world_size
             bar.update(1)
-            if step % tc.log_every == 0 or step == tc.num_steps:
+            if par.is_lead and (step % tc.log_every == 0 or step == tc.num_steps):
                 now = time.time()
-                last = _log_record(
-                    model, guide, x, step, loss, kl_scale, window_n / max(now - window_t, 1e-9), now - t0
-                )
+                img_per_s = window_n / max(now - window_t, 1e-9)
+                # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
+                last = _log_record(model, guide, x, step, loss / par.world_size, kl_scale, img_per_s, now - t0)
                 window_t, window_n = now, 0
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -335,17 +341,19 @@ def fit(
                         if isinstance(v, (int, float)) and k != "step":
                             writer.add_scalar(k, v, step)
                 bar.set_postfix(_postfix(last), refresh=False)
-            if sigint.raised:
+            if par.any(sigint.raised):
                 interrupted = True
                 break
             if step % tc.checkpoint_every == 0 and step < tc.num_steps:
                 keep = bool(tc.keep_every) and step % tc.keep_every == 0
-                last_good = save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+                last_good = ckpt_path
+                if par.is_lead:
+                    save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
     bar.close()
     if writer is not None:
         writer.close()
-    path = save_run_checkpoint(run_dir, model, guide, optim, step, config)
-    if interrupted:
+    path = save_run_checkpoint(run_dir, model, guide, optim, step, config) if par.is_lead else ckpt_path
+    if interrupted and par.is_lead:
         log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
     model.eval(), guide.eval()
     return TrainResult(step, interrupted, path, last, time.time() - t0)

@@ -126,9 +126,9 @@ def test_kl_scale_scales_exactly_the_latent_terms(kind):
     mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
     kl = sum(
         float(
-            (
-                gtr.nodes[s]["fn"].log_prob(gtr.nodes[s]["value"]) - mtr.nodes[s]["fn"].log_prob(gtr.nodes[s]["value"])
-            ).sum().detach()
+            (gtr.nodes[s]["fn"].log_prob(gtr.nodes[s]["value"]) - mtr.nodes[s]["fn"].log_prob(gtr.nodes[s]["value"]))
+            .sum()
+            .detach()
         )
         for s in model.latent_sites
     )

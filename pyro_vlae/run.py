@@ -25,7 +25,7 @@ import torch
 from . import distributed as D
 from . import presets as P
 from .annealing import SCHEDULE_HELP, KLSchedule
-from .checkpoint import CheckpointError, RunLock, RunLockedError, atomic_write_json, load_checkpoint
+from .checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint
 from .data import DATASETS, DatasetError, load_data
 from .figures import write_figures
 from .guides import GUIDES
@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: batch-norm statistics of the global batch instead of each process's own",
     )
     p.add_argument("--no-figures", action="store_true", help="skip writing figures at the end")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation (IWAE, classifier, report) at the end")
+    p.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=10,
+        help="importance samples K of the end-of-run "
+        "evaluation (python -m pyro_vlae.evaluate RUN_DIR --num-samples 1000 for a tight bound)",
+    )
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     return p
 
@@ -359,13 +367,17 @@ def main(argv=None) -> int:
 
 
 def _finish(run_dir, config, bundle, result, device, args) -> int:
-    from .train import load_run as _load
+    """After training: test ELBO, figures, then the evaluation (IWAE, classifier, interventions, Gibbs, report)."""
+    from .diagnostics import update_eval_json
 
-    model, guide, config, _ = _load(run_dir, device)
-    batches = (x.to(device) for x, _ in bundle.test_loader)
+    model, guide, config, _ = load_run(run_dir, device)
+    gen = torch.Generator().manual_seed(config.seed)
+    bern = config.model.likelihood == "bernoulli"  # score one fixed binarisation, as the model was trained on draws
+    batches = ((torch.bernoulli(x, generator=gen) if bern else x).to(device) for x, _ in bundle.test_loader)
     test = evaluate_elbo(model, guide, batches, max_batches=20)
-    summary = {"step": result.step, "train_seconds": result.seconds, "test": test}
-    atomic_write_json(os.path.join(run_dir, "eval.json"), summary)
+    update_eval_json(run_dir, "step", result.step)
+    update_eval_json(run_dir, "train_seconds", result.seconds)
+    update_eval_json(run_dir, "test", test)
     line = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if k != "num_images")
     print(
         f"trained {result.step} steps in {result.seconds / 60:.1f} min; test ({test.get('num_images', 0)} images): "
@@ -374,6 +386,17 @@ def _finish(run_dir, config, bundle, result, device, args) -> int:
     if not args.no_figures:
         paths = write_figures(run_dir, model, guide, config, _test_images(bundle).to(device))
         print("figures written:\n  " + "\n  ".join(paths))
+    if not args.no_eval:
+        from .evaluate import evaluate_run
+
+        evaluate_run(
+            run_dir,
+            num_samples=args.eval_samples,
+            max_images=1000,
+            device=str(device),
+            log=lambda msg: print(msg, flush=True),
+        )
+        print(f"evaluation: {os.path.join(run_dir, 'eval.json')} and {os.path.join(run_dir, 'report.md')}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
 

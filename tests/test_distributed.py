@@ -60,6 +60,8 @@ print(f"rank {os.environ['RANK']} wrote {sorted(written)}", flush=True)
 sys.exit(code)
 """
 
+QUIET_FLAGS = ("--no-progress", "--no-figures", "--no-eval")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -141,15 +143,13 @@ def ddp_run(tmp_path_factory):
     """3 steps with 2 processes of batch 8 (recording each rank's writes), then ``--resume`` under torchrun to 5."""
     root = tmp_path_factory.mktemp("ddp")
     (root / "recorder.py").write_text(RECORDER)
-    flags = ["--dataset", "synthetic", "--batch-size", "8", "--log-every", "1", "--no-progress", "--no-figures"]
+    flags = ["--dataset", "synthetic", "--batch-size", "8", "--log-every", "1", *QUIET_FLAGS]
     first = torchrun(
         "recorder.py", str(root), *flags, "--num-steps", "3", "--sync-batch-norm", "--run-dir", "run", cwd=root
     )
     assert first.returncode == 0, first.stdout + first.stderr
     shutil.copy(root / "run" / "checkpoints" / "latest.pt", root / "step3.pt")
-    resumed = torchrun(
-        "-m", "pyro_vlae.run", "--resume", "run", "--num-steps", "5", "--no-progress", "--no-figures", cwd=root
-    )
+    resumed = torchrun("-m", "pyro_vlae.run", "--resume", "run", "--num-steps", "5", *QUIET_FLAGS, cwd=root)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return root, first, resumed
 

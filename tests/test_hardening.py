@@ -35,7 +35,7 @@ from pyro_vlae import train as T
 from pyro_vlae.interventions import fix_layers
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-QUIET = ("--no-progress", "--no-figures")
+QUIET = ("--no-progress", "--no-figures", "--no-eval")
 
 
 def run_main(capsys, *argv):

@@ -15,6 +15,8 @@ from pyro_vlae.checkpoint import load_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
+QUIET_FLAGS = ("--no-progress", "--no-figures", "--no-eval")
+
 
 def cli(*args, cwd=None, timeout=300):
     return subprocess.run(
@@ -31,6 +33,10 @@ def cli(*args, cwd=None, timeout=300):
 def test_cli_smoke_run_writes_the_run_folder(model, tmp_path):
     run = tmp_path / "run"
     out = cli(
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--eval-samples",
+        "4",
         "--model",
         model,
         "--dataset",
@@ -53,6 +59,8 @@ def test_cli_smoke_run_writes_the_run_folder(model, tmp_path):
         "figures/prior_samples.png",
         "figures/interventions.png",
         "figures/intervention_layer3.png",
+        "figures/gibbs_vs_ancestral.png",
+        "report.md",
     ):
         assert (run / rel).is_file(), rel
     cfg = json.loads((run / "config.json").read_text())
@@ -62,6 +70,8 @@ def test_cli_smoke_run_writes_the_run_folder(model, tmp_path):
     assert "figures written" in out.stdout and "trained 12 steps" in out.stdout
     ev = json.loads((run / "eval.json").read_text())
     assert ev["test"]["num_images"] > 0 and ev["test"]["elbo"] < 0
+    assert {"evaluation", "layers", "gibbs"} <= set(ev)  # the end-of-run evaluation and diagnostics
+    assert "figures/interventions.png" in (run / "report.md").read_text()
     assert not (run / "run.lock").exists()
     # A second fresh run into the same folder is refused; --visualize-only rewrites the figures.
     again = cli("--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), "--no-progress")
@@ -131,6 +141,7 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path):
         str(run),
         "--no-progress",
         "--no-figures",
+        "--no-eval",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
@@ -141,20 +152,15 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path):
     assert proc.returncode == 130, err
     step = load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"]
     assert 1 <= step < 100000 and "--resume" in out
-    res = cli("--resume", str(run), "--num-steps", str(step + 5), "--no-progress", "--no-figures")
+    res = cli("--resume", str(run), "--num-steps", str(step + 5), *QUIET_FLAGS)
     assert res.returncode == 0, res.stderr
     assert load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == step + 5
 
 
 def test_resume_refuses_a_different_model(tmp_path):
     run = tmp_path / "run"
-    assert (
-        cli(
-            "--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), "--no-progress", "--no-figures"
-        ).returncode
-        == 0
-    )
-    out = cli("--resume", str(run), "--model", "hvae", "--no-progress", "--no-figures")
+    assert cli("--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), *QUIET_FLAGS).returncode == 0
+    out = cli("--resume", str(run), "--model", "hvae", *QUIET_FLAGS)
     assert out.returncode == 2 and "--model hvae (the run has vlae)" in out.stderr and "--force-config" in out.stderr
 
 

@@ -1,0 +1,43 @@
+"""How cleanly a trained MNIST run separates digit identity across layers.
+
+For each layer, resample that layer alone (50 groups x 20 draws, other layers fixed per group) and report how often the
+digit classifier's prediction changes against the group's first image, plus the share of pixel variance.  Used to
+compare schedules for the CPU-sized default job; see benchmarks/RESULTS.md.
+
+    python benchmarks/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers]
+"""
+
+import argparse
+import json
+
+import torch
+
+from pyro_vlae import interventions as iv
+from pyro_vlae.classifier import get_classifier, predict
+from pyro_vlae.data import load_data
+from pyro_vlae.train import load_run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="latest.pt")
+    p.add_argument("--cache", default="data/classifiers", help="classifier cache folder")
+    args = p.parse_args(argv)
+    model, guide, cfg, state = load_run(args.run_dir, checkpoint=args.checkpoint)
+    bundle = load_data(cfg.dataset, cfg.data_dir, 100)
+    (x, y), (xt, yt) = bundle.tensors("train"), bundle.tensors("test")
+    clf, info = get_classifier(x, y, num_classes=10, cache_dir=args.cache, x_test=xt, y_test=yt, log=lambda *a: None)
+    g = torch.Generator().manual_seed(0)
+    out = {"step": state["step"], "classifier_accuracy": info["test_accuracy"], "class_change": {}}
+    for site in model.latent_sites:
+        imgs = iv.intervene_layer(model, site, 50, 20, generator=g)
+        groups, draws = imgs.shape[:2]
+        pred = predict(clf, imgs.reshape(groups * draws, *imgs.shape[2:])).reshape(groups, draws)
+        out["class_change"][site] = round(float((pred != pred[:, :1]).float()[:, 1:].mean()), 3)
+    out["variance_share"] = {k: round(v, 3) for k, v in iv.variance_share(model).items()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

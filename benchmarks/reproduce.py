@@ -1,0 +1,159 @@
+"""Reproduce the paper's three claims side by side and print Markdown tables for ``benchmarks/RESULTS.md``.
+
+MNIST: the VLAE and a 3-layer Markov HVAE of matched capacity (same preset: widths, latent sizes, likelihood), each
+trained by ``python -m pyro_vlae.run`` with the same number of steps and evaluated by the end-of-run evaluation.
+Sprites: VLAE, Markov HVAE and a beta-VAE baseline with the disentanglement metrics.
+
+    python benchmarks/reproduce.py                         # both experiments, CPU-sized presets, 6000 / 3000 steps
+    python benchmarks/reproduce.py --only mnist --steps 6000
+    python benchmarks/reproduce.py --table-only            # rebuild the tables from runs already in --root
+
+Each run's folder (config, metrics, checkpoint, figures, eval.json, report.md) is kept under ``--root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+EXPERIMENTS = {
+    "mnist": [("vlae", []), ("hvae", [])],
+    "sprites": [("vlae", []), ("hvae", []), ("vae", ["--beta", "4"])],
+}
+
+
+def run_dir(root, dataset, model, extra):
+    tag = model + ("-beta" + extra[1] if extra else "")
+    return os.path.join(root, f"{dataset}_{tag}")
+
+
+def train(root, dataset, model, extra, steps, seed):
+    from pyro_vlae.run import main
+
+    folder = run_dir(root, dataset, model, extra)
+    if os.path.exists(os.path.join(folder, "eval.json")):
+        print(f"[reproduce] {folder} already evaluated, skipping", flush=True)
+        return folder
+    argv = [
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--num-steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--run-dir",
+        folder,
+        "--no-progress",
+        *extra,
+    ]
+    print(f"[reproduce] python -m pyro_vlae.run {' '.join(argv)}", flush=True)
+    t0 = time.time()
+    code = main(argv)
+    print(f"[reproduce] exit {code} after {(time.time() - t0) / 60:.1f} min", flush=True)
+    if code != 0:
+        raise SystemExit(f"run {folder} failed with exit code {code}")
+    return folder
+
+
+def _get(d, *path, default=None):
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def _fmt(v, nd=3):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _layers(e):
+    return sorted(_get(e, "evaluation", "test", "latents", default={}), key=lambda s: int(s[1:]))
+
+
+def mnist_table(folders) -> str:
+    rows = ["| quantity | " + " | ".join(m for m, _ in folders) + " |", "|---|" + "---|" * len(folders)]
+    evals = [(m, json.load(open(os.path.join(f, "eval.json")))) for m, f in folders]
+
+    def row(name, fn):
+        rows.append(f"| {name} | " + " | ".join(_fmt(fn(e)) for _, e in evals) + " |")
+
+    row("training steps", lambda e: e.get("step"))
+    row("training minutes", lambda e: round(e.get("train_seconds", 0) / 60, 1))
+    row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
+    row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
+    row("IWAE samples K", lambda e: _get(e, "evaluation", "test", "likelihood", "num_samples"))
+    for l in _layers(evals[0][1]):
+        row(f"KL {l}", lambda e, l=l: _get(e, "evaluation", "test", "latents", l, "kl"))
+    for l in _layers(evals[0][1]):
+        row(f"variance share {l}", lambda e, l=l: _get(e, "layers", "layers", l, "variance_share"))
+    for l in _layers(evals[0][1]):
+        row(f"class-change rate {l}", lambda e, l=l: _get(e, "layers", "layers", l, "class_change_rate"))
+    row("class-change rate, independent samples", lambda e: _get(e, "layers", "baseline_class_change_rate"))
+    for l in _layers(evals[0][1]):
+        row(f"probe accuracy {l}", lambda e, l=l: _get(e, "evaluation", "test", "probes", l, "test_accuracy"))
+    row("probe accuracy, all layers", lambda e: _get(e, "evaluation", "test", "probes", "all", "test_accuracy"))
+    row("Fréchet distance, ancestral samples", lambda e: _get(e, "gibbs", "frechet_distance", "ancestral"))
+    row("Fréchet distance, Gibbs chain on z1 (Eq. 6)", lambda e: _get(e, "gibbs", "frechet_distance", "gibbs_z1"))
+    row("Fréchet distance, Gibbs chain on all z (Eq. 16)", lambda e: _get(e, "gibbs", "frechet_distance", "gibbs_all"))
+    row("Gibbs z1 chain: max R-hat", lambda e: _get(e, "gibbs", "chains", "z1", "max_rhat"))
+    row("classifier test accuracy", lambda e: _get(e, "evaluation", "test", "classifier", "test_accuracy"))
+    return "\n".join(rows)
+
+
+def sprites_table(folders) -> str:
+    rows = ["| quantity | " + " | ".join(m for m, _ in folders) + " |", "|---|" + "---|" * len(folders)]
+    evals = [(m, json.load(open(os.path.join(f, "eval.json")))) for m, f in folders]
+
+    def row(name, fn):
+        rows.append(f"| {name} | " + " | ".join(_fmt(fn(e)) for _, e in evals) + " |")
+
+    row("training steps", lambda e: e.get("step"))
+    row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
+    row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
+    summary = ("overall", "summary")
+    for key in ("mig", "mig_sup", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap"):
+        row(key, lambda e, key=key: _get(e, "evaluation", "test", "disentanglement", *summary, key))
+    for _, e in evals:
+        a = _get(e, "evaluation", "test", "disentanglement", "assignment", "assigned_layer")
+        if a:
+            break
+    factors = list(a) if a else []
+    for f in factors:
+        row(
+            f"layer holding `{f}`",
+            lambda e, f=f: _get(e, "evaluation", "test", "disentanglement", "assignment", "assigned_layer", f),
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="runs/reproduce")
+    p.add_argument("--only", choices=sorted(EXPERIMENTS))
+    p.add_argument("--steps", type=int, help="steps per run (default: 6000 on mnist, 3000 on sprites)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args(argv)
+    for dataset in [args.only] if args.only else list(EXPERIMENTS):
+        steps = args.steps or (6000 if dataset == "mnist" else 3000)
+        folders = []
+        for model, extra in EXPERIMENTS[dataset]:
+            folder = run_dir(args.root, dataset, model, extra)
+            if not args.table_only:
+                train(args.root, dataset, model, extra, steps, args.seed)
+            if os.path.exists(os.path.join(folder, "eval.json")):
+                folders.append((model + (" (beta=" + extra[1] + ")" if extra else ""), folder))
+        if folders:
+            print(f"\n### {dataset}\n")
+            print((mnist_table if dataset == "mnist" else sprites_table)(folders))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

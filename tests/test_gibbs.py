@@ -15,17 +15,6 @@ from pyro_vlae.guides import get_guide
 from pyro_vlae.models import get_model
 from pyro_vlae.presets import get_preset
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests run many tiny forward passes; on a shared 2-core box a second intra-op thread makes them tens of
-    times slower, so they use one thread (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 A, S = 2.0, 1.0  # p(z) = N(0, 1), p(x|z) = N(A z, S^2), so p(x) = N(0, A^2 + S^2) = N(0, 5)
 
 

@@ -17,16 +17,6 @@ from pyro_vlae.models import get_model
 from pyro_vlae.presets import get_preset
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These tests run many tiny forward passes; on a shared 2-core box a second intra-op thread makes them tens of
-    times slower, so they use one thread (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw):
     return dataclasses.replace(get_preset("tiny").model, **kw)
 

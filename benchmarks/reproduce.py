@@ -76,13 +76,30 @@ def _layers(e):
     return sorted(_get(e, "evaluation", "test", "latents", default={}), key=lambda s: int(s[1:]))
 
 
-def mnist_table(folders) -> str:
+def _table(folders, add_rows) -> str:
+    """A Markdown table with one column per run; ``add_rows(row, evals)`` calls ``row(name, fn)`` per quantity."""
+    evals = []
+    for m, f in folders:
+        with open(os.path.join(f, "eval.json")) as fh:
+            evals.append((m, json.load(fh)))
     rows = ["| quantity | " + " | ".join(m for m, _ in folders) + " |", "|---|" + "---|" * len(folders)]
-    evals = [(m, json.load(open(os.path.join(f, "eval.json")))) for m, f in folders]
 
     def row(name, fn):
         rows.append(f"| {name} | " + " | ".join(_fmt(fn(e)) for _, e in evals) + " |")
 
+    add_rows(row, evals)
+    return "\n".join(rows)
+
+
+def mnist_table(folders) -> str:
+    return _table(folders, _mnist_rows)
+
+
+def sprites_table(folders) -> str:
+    return _table(folders, _sprites_rows)
+
+
+def _mnist_rows(row, evals):
     row("training steps", lambda e: e.get("step"))
     row("training minutes", lambda e: round(e.get("train_seconds", 0) / 60, 1))
     row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
@@ -103,16 +120,9 @@ def mnist_table(folders) -> str:
     row("Fréchet distance, Gibbs chain on all z (Eq. 16)", lambda e: _get(e, "gibbs", "frechet_distance", "gibbs_all"))
     row("Gibbs z1 chain: max R-hat", lambda e: _get(e, "gibbs", "chains", "z1", "max_rhat"))
     row("classifier test accuracy", lambda e: _get(e, "evaluation", "test", "classifier", "test_accuracy"))
-    return "\n".join(rows)
 
 
-def sprites_table(folders) -> str:
-    rows = ["| quantity | " + " | ".join(m for m, _ in folders) + " |", "|---|" + "---|" * len(folders)]
-    evals = [(m, json.load(open(os.path.join(f, "eval.json")))) for m, f in folders]
-
-    def row(name, fn):
-        rows.append(f"| {name} | " + " | ".join(_fmt(fn(e)) for _, e in evals) + " |")
-
+def _sprites_rows(row, evals):
     row("training steps", lambda e: e.get("step"))
     row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
     row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
@@ -129,7 +139,6 @@ def sprites_table(folders) -> str:
             f"layer holding `{f}`",
             lambda e, f=f: _get(e, "evaluation", "test", "disentanglement", "assignment", "assigned_layer", f),
         )
-    return "\n".join(rows)
 
 
 def main(argv=None):

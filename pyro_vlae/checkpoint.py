@@ -84,6 +84,28 @@ def _verified_body(path: str, data: bytes) -> bytes:
     return data
 
 
+def read_json_dict(path: str, log=None) -> dict:
+    """The JSON object stored at ``path``; ``{}`` when the file is missing, unreadable or not an object."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        if log is not None:
+            log(f"{os.path.basename(path)} was unreadable ({e}); writing a fresh one")
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_json(path: str, updates: dict, log=None) -> dict:
+    """Set the top-level ``updates`` in the JSON object at ``path``, keeping every other key; one atomic write."""
+    data = read_json_dict(path, log)
+    data.update(updates)
+    atomic_write_json(path, data)
+    return data
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Serialise ``state`` with ``torch.save`` into memory, add its SHA-256 trailer, write it atomically to ``path``."""
     buf = io.BytesIO()

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import interventions as iv
-from .checkpoint import atomic_write_json
+from .checkpoint import update_json
 from .classifier import class_change_rate, extract_features, frechet_distance
 from .gibbs import ancestral_means, chain_starts, gibbs_chain
 
@@ -221,18 +220,7 @@ def update_eval_json(run_dir: str, key: str, value) -> dict:
 
     An unreadable ``eval.json`` is replaced by a fresh one.  Returns the whole new content.
     """
-    path = os.path.join(run_dir, "eval.json")
-    data = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            data = {}
-    data = data if isinstance(data, dict) else {}
-    data[key] = jsonable(value)
-    atomic_write_json(path, data)
-    return data
+    return update_json(os.path.join(run_dir, "eval.json"), {key: jsonable(value)})
 
 
 def run_diagnostics(run_dir, model, guide, config, x_test, classifier=None, seed: int = 0, **gibbs_kwargs) -> dict:

@@ -18,7 +18,6 @@ blocks are kept) and rendered into ``report.md``.  :func:`evaluate_run` is the s
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import metrics as M
-from .checkpoint import CheckpointError, atomic_write_json
+from .checkpoint import CheckpointError, read_json_dict, update_json
 from .data import DatasetError, load_data
 from .report import write_report
 from .train import load_run, resolve_device
@@ -194,19 +193,10 @@ def diagnostics_if_available(run_dir, model, guide, config, x_eval, clf, log) ->
 def merge_eval_json(run_dir: str, split: str, block: dict, log=print) -> dict:
     """Put ``block`` at ``evaluation.<split>`` of ``run_dir/eval.json``, keeping every other entry; atomic write."""
     path = os.path.join(run_dir, "eval.json")
-    data = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            log(f"eval.json was unreadable ({e}); writing a fresh one")
-        data = data if isinstance(data, dict) else {}
-    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    evaluation = read_json_dict(path, log).get("evaluation")
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
     evaluation[split] = block
-    data["evaluation"] = evaluation
-    atomic_write_json(path, data)
-    return data
+    return update_json(path, {"evaluation": evaluation}, log)
 
 
 def evaluate_run(

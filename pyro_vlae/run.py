@@ -25,7 +25,7 @@ import torch
 from . import distributed as D
 from . import presets as P
 from .annealing import SCHEDULE_HELP, KLSchedule
-from .checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint
+from .checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint, update_json
 from .data import DATASETS, DatasetError, load_data
 from .figures import write_figures
 from .guides import GUIDES
@@ -43,24 +43,23 @@ from .train import (
 )
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def _int_at_least(lowest: int, what: str):
+    """An argparse type: an integer >= ``lowest``."""
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonnegative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, ">= 0")
 
 
 def _device(text):
@@ -368,16 +367,13 @@ def main(argv=None) -> int:
 
 def _finish(run_dir, config, bundle, result, device, args) -> int:
     """After training: test ELBO, figures, then the evaluation (IWAE, classifier, interventions, Gibbs, report)."""
-    from .diagnostics import update_eval_json
-
     model, guide, config, _ = load_run(run_dir, device)
     gen = torch.Generator().manual_seed(config.seed)
     bern = config.model.likelihood == "bernoulli"  # score one fixed binarisation, as the model was trained on draws
     batches = ((torch.bernoulli(x, generator=gen) if bern else x).to(device) for x, _ in bundle.test_loader)
     test = evaluate_elbo(model, guide, batches, max_batches=20)
-    update_eval_json(run_dir, "step", result.step)
-    update_eval_json(run_dir, "train_seconds", result.seconds)
-    update_eval_json(run_dir, "test", test)
+    summary = {"step": result.step, "train_seconds": result.seconds, "test": test}
+    update_json(os.path.join(run_dir, "eval.json"), summary)
     line = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if k != "num_images")
     print(
         f"trained {result.step} steps in {result.seconds / 60:.1f} min; test ({test.get('num_images', 0)} images): "

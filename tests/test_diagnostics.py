@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import A, LinearGaussianModel, S
 from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
@@ -20,8 +21,6 @@ from pyro_vlae.guides import get_guide
 from pyro_vlae.models import get_model
 from pyro_vlae.presets import get_preset
 from pyro_vlae.train import RunConfig
-
-A, S = 2.0, 1.0
 
 
 # ------------------------------------------------------------------------------------------ chain_summary
@@ -64,18 +63,6 @@ def test_chain_summary_undefined_cases():
 
 
 # --------------------------------------------------------------------------- Gibbs diagnostics on a known chain
-class LinearGaussianModel(PyroModule):
-    latent_sites = ["z1"]
-
-    def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        n = x.shape[0] if x is not None else batch_size
-        with pyro.plate("data", n):
-            with poutine.scale(scale=kl_scale):
-                z = pyro.sample("z1", dist.Normal(torch.zeros(n, 1), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(A * z, S).to_event(1), obs=x)
-        return A * z
-
-
 class LinearGaussianGuide(PyroModule):
     """Exact posterior by default; ``stuck=True`` gives ``q(z|x) = N(x / A, 1e-3)``, a chain that random-walks."""
 

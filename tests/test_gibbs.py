@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import A, LinearGaussianModel, S
 from pyro import poutine
 from pyro.nn import PyroModule
 
@@ -14,22 +15,6 @@ from pyro_vlae.gibbs import ancestral_means, check_keep, gibbs_chain
 from pyro_vlae.guides import get_guide
 from pyro_vlae.models import get_model
 from pyro_vlae.presets import get_preset
-
-A, S = 2.0, 1.0  # p(z) = N(0, 1), p(x|z) = N(A z, S^2), so p(x) = N(0, A^2 + S^2) = N(0, 5)
-
-
-class LinearGaussianModel(PyroModule):
-    """``z1 ~ N(0, 1)``, ``x ~ N(A z1, S^2)``, with the package's site conventions."""
-
-    latent_sites = ["z1"]
-
-    def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        n = x.shape[0] if x is not None else batch_size
-        with pyro.plate("data", n):
-            with poutine.scale(scale=kl_scale):
-                z = pyro.sample("z1", dist.Normal(torch.zeros(n, 1), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(A * z, S).to_event(1), obs=x)
-        return A * z
 
 
 class LinearGaussianGuide(PyroModule):

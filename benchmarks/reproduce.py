@@ -27,7 +27,10 @@ EXPERIMENTS = {
 }
 # Variants that test why a claim fails (run only when named with --runs).
 VARIANTS = {
-    "mnist": [("hvae-bernoulli", "hvae", ["--likelihood", "bernoulli"])],
+    "mnist": [
+        ("hvae-bernoulli", "hvae", ["--likelihood", "bernoulli"]),
+        ("hvae-z16", "hvae", ["--latent-dims", "16,16,16"]),
+    ],
     "sprites": [],
 }
 
@@ -157,8 +160,8 @@ def main(argv=None):
         "--runs",
         nargs="+",
         metavar="TAG",
-        help="train only these runs (tags: vlae, hvae, vae-beta4, hvae-bernoulli); the tables still list every run "
-        "already evaluated under --root. Lets runs go in parallel processes.",
+        help="train only these runs (tags: vlae, hvae, vae-beta4, hvae-bernoulli, hvae-z16); the tables still list "
+        "every run already evaluated under --root. Lets runs go in parallel processes.",
     )
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)

@@ -59,7 +59,9 @@ class MarkovHVAEModel(PyroModule):
         c = self.config
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, type(self).__name__)
-        ref = self.decoder.fc[0].weight
+        # Each access to a child module re-registers its parameters with Pyro: look each one up once.
+        decoder, conditionals, likelihood = self.decoder, self.conditionals, self.likelihood
+        ref = decoder.fc[0].weight
         zs = [None] * c.num_layers
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):
@@ -67,11 +69,11 @@ class MarkovHVAEModel(PyroModule):
                 zs[-1] = pyro.sample(f"z{c.num_layers}", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
                 for l in range(c.num_layers - 1, 0, -1):
                     parent = torch.cat(zs[l:], dim=-1) if self.autoregressive else zs[l]
-                    loc, scale = self.conditionals[l - 1](parent)
+                    loc, scale = conditionals[l - 1](parent)
                     zs[l - 1] = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
-            raw = self.decoder(zs[0])
-            pyro.sample("x", self.likelihood(raw), obs=x)
-        return self.likelihood.mean(raw)
+            raw = decoder(zs[0])
+            pyro.sample("x", likelihood(raw), obs=x)
+        return likelihood.mean(raw)
 
 
 class AutoregressiveHVAEModel(MarkovHVAEModel):

@@ -38,10 +38,11 @@ class VAEModel(PyroModule):
         c = self.config
         kl_scale = check_kl_scale(kl_scale) * c.beta
         n = batch_size_of(x, batch_size, c.image_shape, "VAEModel")
-        zero = self.decoder.fc[0].weight.new_zeros(n, self.latent_dim)
+        decoder, likelihood = self.decoder, self.likelihood  # one Pyro registration per child per call
+        zero = decoder.fc[0].weight.new_zeros(n, self.latent_dim)
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):
                 z = pyro.sample("z1", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
-            raw = self.decoder(self.top(z))
-            pyro.sample("x", self.likelihood(raw), obs=x)
-        return self.likelihood.mean(raw)
+            raw = decoder(self.top(z))
+            pyro.sample("x", likelihood(raw), obs=x)
+        return likelihood.mean(raw)

@@ -59,10 +59,13 @@ class VLAEModel(PyroModule):
     def decode(self, zs):
         """Deterministic decoder: latent codes ``[z1, ..., zL]`` to raw outputs ``f_0(z~_1)``."""
         L = self.config.num_layers
+        # Each access to a child module re-registers its parameters with Pyro (PyroModule.__getattr__); look every
+        # child up once per call.
+        inject, ladder, combine, gain = self.inject, self.ladder, self.combine, self.ladder_gain
         path = self.top(zs[L - 1])
         for l in range(L - 1, 0, -1):  # l is the 1-based layer index of the code entering now
-            joined = self.inject[l - 1](path, self.ladder_gain[l - 1] * self.ladder[l - 1](zs[l - 1]))
-            path = joined if l == 1 else self.combine[l - 2](joined)
+            joined = inject[l - 1](path, gain[l - 1] * ladder[l - 1](zs[l - 1]))
+            path = joined if l == 1 else combine[l - 2](joined)
         return self.decoder(path)
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
@@ -70,7 +73,8 @@ class VLAEModel(PyroModule):
         c = self.config
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, "VLAEModel")
-        ref = self.decoder.fc[0].weight
+        ref = self.ladder_gain  # a buffer: gives the device and dtype without touching a child module
+        likelihood = self.likelihood
         zs = [None] * c.num_layers
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):
@@ -78,5 +82,5 @@ class VLAEModel(PyroModule):
                     zero = ref.new_zeros(n, c.latent_dims[l - 1])
                     zs[l - 1] = pyro.sample(f"z{l}", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
             raw = self.decode(zs)
-            pyro.sample("x", self.likelihood(raw), obs=x)
-        return self.likelihood.mean(raw)
+            pyro.sample("x", likelihood(raw), obs=x)
+        return likelihood.mean(raw)

@@ -85,9 +85,20 @@ def _value_range(model, clamp):
     return getattr(lik, "value_range", None)
 
 
+FEEDS = ("sample", "mean")
+
+
 @torch.no_grad()
 def gibbs_chain(
-    model, guide, x0, num_steps: int, keep=("z1",), return_means: bool = True, clamp=True, seed=None
+    model,
+    guide,
+    x0,
+    num_steps: int,
+    keep=("z1",),
+    return_means: bool = True,
+    clamp=True,
+    seed=None,
+    feed: str = "sample",
 ) -> GibbsResult:
     """Run ``N`` chains of Eq. 6 (``keep=("z1",)``) or Eq. 16 (``keep`` every latent) side by side.
 
@@ -107,7 +118,13 @@ def gibbs_chain(
     :param clamp: ``True``: clamp to ``model.likelihood.value_range`` unless Bernoulli; ``False``: never; or a
         ``(lo, hi)`` pair.
     :param seed: when given, the chains use their own torch random stream seeded with it (the global one is kept).
+    :param feed: ``"sample"`` (the chain of Eq. 6 / 16) or ``"mean"``, a diagnostic variant that feeds the mean of
+        ``p(x | z^{(t)})`` back instead of a draw: it separates the likelihood's noise from the guide's error when a
+        chain drifts (``benchmarks/gibbs_probe.py``).  It is not the chain of Proposition 1 and does not target
+        ``p_data``: on a linear-Gaussian model it contracts to a smaller variance.
     """
+    if feed not in FEEDS:
+        raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
     keep = check_keep(model, keep)
@@ -128,7 +145,7 @@ def gibbs_chain(
                 gtr = poutine.trace(guide).get_trace(x)
                 kept = {s: gtr.nodes[s]["value"] for s in keep}
                 mtr = poutine.trace(poutine.condition(model, data=kept)).get_trace(batch_size=n)
-                x = mtr.nodes["x"]["value"]
+                x = mtr.nodes["x"]["value"] if feed == "sample" else mtr.nodes["_RETURN"]["value"]
                 if bounds is not None:
                     x = x.clamp(*bounds)
                 samples.append(x)

@@ -81,6 +81,16 @@ def _positive_float(text):
     return v
 
 
+def _latent_dims(text):
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, e.g. 16,2,2") from None
+    if min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"every latent size must be >= 1, got {text}")
+    return dims
+
+
 def _schedule(text):
     try:
         KLSchedule(text)
@@ -105,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, help="images per step (default: the preset's, 100)")
     p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default: the preset's)")
     p.add_argument("--likelihood", choices=LIKELIHOODS, help="observation model r(x) (default: the preset's)")
+    p.add_argument(
+        "--latent-dims",
+        type=_latent_dims,
+        metavar="D1,D2,...",
+        help="sizes of z1 (bottom) .. zL, which also sets the number of layers (default: the preset's)",
+    )
     p.add_argument("--obs-scale", type=_positive_float, help="Gaussian sigma or Laplace scale b = 1/loss_ratio")
     p.add_argument("--anneal", type=_schedule, help=f"KL-scale schedule: {SCHEDULE_HELP}")
     p.add_argument("--elbo", choices=["trace", "meanfield"], help="Trace_ELBO (default) or TraceMeanField_ELBO")
@@ -132,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: batch-norm statistics of the global batch instead of each process's own",
     )
     p.add_argument("--no-figures", action="store_true", help="skip writing figures at the end")
+    p.add_argument(
+        "--validate-all-steps",
+        action="store_true",
+        help="keep Pyro's validation on for every step (default: the first 10 of each start, then off for speed)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation (IWAE, classifier, report) at the end")
     p.add_argument(
         "--eval-samples",
@@ -155,6 +176,7 @@ def _overrides(args) -> tuple:
         k: v
         for k, v in {
             "likelihood": args.likelihood,
+            "latent_dims": args.latent_dims,
             "obs_scale": args.obs_scale,
             "beta": args.beta,
             "noise_injection": args.noise_injection,
@@ -227,7 +249,7 @@ def _resume_conflicts(args, saved: RunConfig) -> list:
         value = getattr(args, flag)
         if value is not None and value != saved_value:
             out.append(f"--{flag} {value} (the run has {saved_value})")
-    for flag in ("likelihood", "obs_scale", "beta", "noise_injection"):
+    for flag in ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection"):
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.model, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.model, flag)})")
@@ -355,7 +377,15 @@ def main(argv=None) -> int:
                     f"preset {config.preset}, device {device}, {config.train.num_steps} steps of batch "
                     f"{config.train.batch_size}" + (f" x {par.world_size} processes" if par.world_size > 1 else "")
                 )
-            result = fit(config, bundle, run_dir, device, resume=resume, progress=not args.no_progress)
+            result = fit(
+                config,
+                bundle,
+                run_dir,
+                device,
+                resume=resume,
+                progress=not args.no_progress,
+                validate_all=args.validate_all_steps,
+            )
             if result.interrupted:
                 return 130
             return _finish(run_dir, config, bundle, result, device, args) if par.is_lead else 0

@@ -19,7 +19,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from pyro.optim import Adam
+from pyro.infer.util import is_validation_enabled
 
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
@@ -27,6 +27,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, r
 from .guides import get_guide
 from .models import get_model
 from .nets import ModelConfig
+from .optim import FusedAdam
 from .presets import TrainConfig
 
 
@@ -88,7 +89,7 @@ def build(config: RunConfig, device) -> tuple:
     pyro.clear_param_store()
     model = get_model(config.model_kind, config.model).to(device)
     guide = get_guide(config.model_kind, config.model).to(device)
-    optim = Adam({"lr": config.train.lr})
+    optim = FusedAdam({"lr": config.train.lr})
     elbo_cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
     if config.train.elbo not in elbo_cls:
         raise ValueError(f"--elbo must be one of {sorted(elbo_cls)}, got {config.train.elbo!r}")
@@ -265,14 +266,30 @@ class TrainResult:
     seconds: float
 
 
+# Steps checked by Pyro's validation at each start or resume before it is switched off (see ``fit``).
+VALIDATED_STEPS = 10
+
+
 def is_finite(loss: float) -> bool:
     return isinstance(loss, float) and math.isfinite(loss)
 
 
 def fit(
-    config: RunConfig, bundle, run_dir: str, device, *, resume: dict | None = None, progress: bool = True, log=print
+    config: RunConfig,
+    bundle,
+    run_dir: str,
+    device,
+    *,
+    resume: dict | None = None,
+    progress: bool = True,
+    log=print,
+    validate_all: bool = False,
 ) -> TrainResult:
     """Train ``config`` on ``bundle`` in ``run_dir``; resume from a loaded checkpoint dict when given.
+
+    Pyro's validation (distribution arguments, supports, plate shapes) checks the first :data:`VALIDATED_STEPS`
+    steps of every start or resume and is then switched off for speed, as Pyro advises for a model that has
+    passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  A NaN loss is caught either way.
 
     :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
     """
@@ -308,6 +325,7 @@ def fit(
     window_t, window_n = time.time(), 0
     interrupted = False
     progress = progress and par.is_lead
+    validation = is_validation_enabled()
     bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, dynamic_ncols=True, desc=config.model_kind)
     with _SigintFlag() as sigint, open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
         while step < tc.num_steps:
@@ -317,7 +335,8 @@ def fit(
             kl_scale = schedule(step)
             if tc.fade_in and hasattr(model, "ladder_gain"):
                 model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, tc.fade_in)))
-            loss = train_step(svi, x, kl_scale)
+            with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
+                loss = train_step(svi, x, kl_scale)
             if not is_finite(float(loss)):
                 bar.close()
                 raise TrainingDiverged(

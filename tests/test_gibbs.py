@@ -190,3 +190,17 @@ def test_gibbs_figure_writes_one_panel_per_chain_kind(tmp_path):
             widths[kind] = im.size[0]
     # starts + Eq. 6 + ancestral panels; the autoregressive HVAE adds the Eq. 16 panel
     assert widths["hvae-ar"] * 3 == pytest.approx(widths["hvae"] * 4, rel=0.02)
+
+
+def test_mean_fed_chain_contracts_to_its_closed_form_variance():
+    """``feed="mean"`` gives x' = A z with z ~ q(z|x): x' = rho x + A sd e, stationary variance
+    A^2 sd^2 / (1 - rho^2) = 0.8 / 0.36 = 2.22, below p(x)'s 5: the diagnostic chain is not Proposition 1's."""
+    n = 5000
+    out = gibbs_chain(LinearGaussianModel(), LinearGaussianGuide(), torch.full((n, 1), 10.0), 50, seed=1, feed="mean")
+    assert torch.equal(out.samples[1:], out.means), "each fed-back state is the mean image"
+    rho, sd2 = A**2 / (A**2 + S**2), S**2 / (A**2 + S**2)
+    target = A**2 * sd2 / (1 - rho**2)
+    v = out.samples[-1, :, 0].double().var().item()
+    assert abs(v - target) < 4 * target * math.sqrt(2 / (n - 1))
+    with pytest.raises(ValueError, match="feed must be one of"):
+        gibbs_chain(LinearGaussianModel(), LinearGaussianGuide(), torch.zeros(2, 1), 1, feed="mode")

@@ -12,6 +12,7 @@ import pytest
 from pyro_vlae import data as D
 from pyro_vlae import run as R
 from pyro_vlae.checkpoint import load_checkpoint
+from pyro_vlae.train import load_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -98,8 +99,10 @@ def test_cli_help_from_any_directory(tmp_path):
         (["--anneal", "const:0"], "must be a finite number > 0"),
         (["--lr", "-1"], "must be > 0"),
         (["--num-steps", "3", "--epochs", "2"], "not allowed with argument"),
+        (["--latent-dims", "4,x"], "comma-separated list of sizes"),
+        (["--latent-dims", "4,0"], "every latent size must be >= 1"),
     ],
-    ids=["neg-steps", "batch0", "model", "dataset", "kl0", "lr", "steps+epochs"],
+    ids=["neg-steps", "batch0", "model", "dataset", "kl0", "lr", "steps+epochs", "dims-text", "dims-zero"],
 )
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -155,6 +158,18 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path):
     res = cli("--resume", str(run), "--num-steps", str(step + 5), *QUIET_FLAGS)
     assert res.returncode == 0, res.stderr
     assert load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == step + 5
+
+
+def test_latent_dims_flag_sets_layers_and_sizes_and_is_checked_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["--dataset", "synthetic", "--model", "hvae", "--num-steps", "2", "--run-dir", str(run), *QUIET_FLAGS]
+    assert R.main([*argv, "--latent-dims", "5,3"]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["latent_dims"] == [5, 3]
+    model, _, _, _ = load_run(str(run))
+    assert model.latent_sites == ["z1", "z2"]
+    capsys.readouterr()
+    assert R.main(["--resume", str(run), "--latent-dims", "5,4", *QUIET_FLAGS]) == 2
+    assert "--latent-dims (5, 4) (the run has (5, 3))" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_different_model(tmp_path):

@@ -178,3 +178,30 @@ def test_zero_gain_cuts_a_layer_off_and_resume_with_fade_in_is_exact(bundle, tmp
     )
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("validate_all", [False, True], ids=["first-steps", "all-steps"])
+def test_validation_checks_the_first_steps_of_each_start(bundle, tmp_path, monkeypatch, validate_all):
+    from pyro.distributions.util import is_validation_enabled
+
+    real, seen = T.train_step, []
+
+    def recording(svi, x, kl_scale):
+        seen.append(is_validation_enabled())
+        return real(svi, x, kl_scale)
+
+    monkeypatch.setattr(T, "train_step", recording)
+    monkeypatch.setattr(T, "VALIDATED_STEPS", 3)
+    cfg = tiny_config(num_steps=6, checkpoint_every=3)
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=5))
+    T.fit(half, bundle, str(tmp_path), "cpu", progress=False, validate_all=validate_all)
+    state = load_checkpoint(str(tmp_path / "checkpoints" / "latest.pt"))
+    T.fit(cfg, bundle, str(tmp_path), "cpu", resume=state, progress=False, validate_all=validate_all)
+    expected = [True] * 6 if validate_all else [True, True, True, False, False, True]  # steps 1-5, then resume at 6
+    assert seen == expected
+    assert is_validation_enabled(), "the global setting is restored after training"
+    # Validation that was switched off by the user stays off.
+    seen.clear()
+    with pyro.validation_enabled(False):
+        T.fit(tiny_config(num_steps=2), bundle, str(tmp_path / "off"), "cpu", progress=False)
+    assert seen == [False, False]

@@ -1,0 +1,126 @@
+"""Adam for SVI with one fused kernel for every parameter, behind Pyro's optimiser interface.
+
+``pyro.optim.Adam`` wraps one ``torch.optim.Adam`` per parameter and steps them one by one in a Python loop: 64
+optimisers and several hundred small tensor operations per step for the VLAE, about a sixth of a CPU training step
+(``benchmarks/RESULTS.md``).  :class:`FusedAdam` is a :class:`pyro.optim.PyroOptim`, so ``pyro.infer.SVI`` drives it
+exactly as it drives Pyro's own (``optim(params)`` with the parameters the step's trace captured), but it steps all of
+them with one ``torch.optim.Adam(fused=True)`` (``foreach`` where fused is not supported).
+
+The update is Adam's, parameter by parameter: each parameter keeps its own moments and step count, parameters that
+first appear in a later step (a model composed with new ``pyro.param`` sites) start from zero state then, and a
+parameter missing from a step is not moved.  :meth:`FusedAdam.get_state` writes the per-parameter format of
+``pyro.optim.Adam`` (``{param name: torch optimiser state dict}``), and :meth:`FusedAdam.set_state` reads it, so
+checkpoints written by either optimiser resume with the other.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro.optim import PyroOptim
+
+
+def fused_supported(device: torch.device) -> bool:
+    # torch >= 2.4 has fused Adam on CPU; CUDA has had it longer.
+    if device.type == "cuda":
+        return True
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return device.type == "cpu" and (major, minor) >= (2, 4)
+
+
+class FusedAdam(PyroOptim):
+    """``pyro.optim.Adam`` with one fused ``torch.optim.Adam`` for all parameters.
+
+    :param optim_args: Adam's keyword arguments as a dict (``lr``, ``betas``, ``eps``, ``weight_decay``...).
+        Per-parameter arguments (a callable) and gradient clipping need ``pyro.optim.Adam``.
+    :param fused: ``True`` / ``False`` to force the kernel; ``None`` picks fused where supported, else ``foreach``.
+    """
+
+    def __init__(self, optim_args: dict, fused: bool | None = None):
+        if not isinstance(optim_args, dict):
+            raise TypeError(
+                "FusedAdam takes one dict of Adam arguments for every parameter; for per-parameter arguments use "
+                "pyro.optim.Adam(callable)"
+            )
+        bad = {"params", "fused", "foreach"} & set(optim_args)
+        if bad:
+            raise ValueError(f"FusedAdam sets {sorted(bad)} itself; remove them from optim_args")
+        super().__init__(torch.optim.Adam, optim_args)
+        self.fused = fused
+        self.optimizer: torch.optim.Adam | None = None
+        self._names: dict = {}  # parameter -> param-store name
+
+    def _name(self, p) -> str:
+        name = pyro.get_param_store().param_name(p)
+        if name is None:
+            raise ValueError(
+                "FusedAdam was handed a tensor that is not in Pyro's param store; pass the parameters SVI captures "
+                "(pyro.param / pyro.module sites)"
+            )
+        return name
+
+    def _add(self, new: list) -> None:
+        new.sort(key=lambda p: self._names[p])
+        if self.optimizer is None:
+            fused = fused_supported(new[0].device) if self.fused is None else self.fused
+            kernel = {"fused": True} if fused else {"foreach": True}
+            self.optimizer = torch.optim.Adam(new, **self.pt_optim_args, **kernel)
+        else:
+            self.optimizer.add_param_group({"params": new})
+        waiting = {p: self._state_waiting_to_be_consumed.pop(self._names[p], None) for p in new}
+        waiting = {p: s for p, s in waiting.items() if s is not None}
+        if waiting:
+            # Load through torch so that step counters get the dtype and device the kernel wants.
+            order = [q for g in self.optimizer.param_groups for q in g["params"]]
+            sd = self.optimizer.state_dict()
+            for i, q in enumerate(order):
+                if q in waiting:
+                    per_param = waiting[q].get("state", {})
+                    if per_param:
+                        sd["state"][i] = next(iter(per_param.values()))
+            self.optimizer.load_state_dict(sd)
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        """Take one Adam step on ``params`` (the set ``SVI`` captured) and clear their gradients.
+
+        Gradients are set to ``None`` rather than zeroed, so ``pyro.infer.util.zero_grads`` that follows in
+        ``SVI.step`` has nothing left to do; the next ``backward`` writes fresh gradients either way.
+        """
+        params = list(params)
+        if not params:
+            return
+        new = [p for p in params if p not in self._names]
+        for p in new:
+            self._names[p] = self._name(p)
+        if new:
+            self._add(new)
+        # Adam steps every parameter holding a gradient; hide those of parameters this step did not use.
+        stepped = set(params)
+        hidden = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in stepped:
+                    hidden[p], p.grad = p.grad, None
+        try:
+            self.optimizer.step(*args, **kwargs)
+        finally:
+            for p, g in hidden.items():
+                p.grad = g
+        for p in params:
+            p.grad = None
+
+    def get_state(self) -> dict:
+        """``{param name: {"state": {0: ...}, "param_groups": [...]}}``, the format of ``pyro.optim.Adam``."""
+        out = dict(self._state_waiting_to_be_consumed)  # state loaded for parameters not seen yet is kept
+        if self.optimizer is None:
+            return out
+        sd = self.optimizer.state_dict()
+        i = 0
+        for group, sd_group in zip(self.optimizer.param_groups, sd["param_groups"]):
+            # The kernel choice stays with the optimiser that loads the state.
+            hyper = {k: v for k, v in sd_group.items() if k not in ("params", "fused", "foreach")}
+            for p in group["params"]:
+                state = {0: sd["state"][i]} if i in sd["state"] else {}
+                out[self._names[p]] = {"state": state, "param_groups": [{**hyper, "params": [0]}]}
+                i += 1
+        return out

@@ -1,8 +1,8 @@
 """The SVI training loop: ``data -> model/guide -> SVI -> checkpoint``, in small named steps.
 
-``train_step`` takes one SVI step, ``layer_kls`` measures the KL of each layer, ``evaluate_elbo`` the test ELBO,
-``save_run_checkpoint`` writes ``checkpoints/latest.pt`` atomically.  :class:`Trainer` strings them together with
-deterministic data order (so a resumed run continues exactly), SIGINT handling and NaN detection.  Under torchrun
+``train_step`` takes one SVI step, ``evaluate_elbo`` measures the test ELBO, ``save_run_checkpoint`` writes
+``checkpoints/latest.pt`` atomically, and :mod:`pyro_vlae.progress` logs each step.  :func:`fit` strings them together
+with deterministic data order (so a resumed run continues exactly), SIGINT handling and NaN detection.  Under torchrun
 the same loop trains data-parallel through :mod:`pyro_vlae.distributed`, with only rank 0 writing.
 """
 
@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .guides import get_guide
 from .models import get_model
 from .nets import ModelConfig
 from .optim import FusedAdam
 from .presets import TrainConfig
+from .progress import layer_kls, log_record, open_tensorboard, postfix, truncate_metrics  # noqa: F401 - re-exported
 
 
 class TrainingDiverged(RuntimeError):
@@ -100,24 +100,6 @@ def build(config: RunConfig, device) -> tuple:
 def train_step(svi: SVI, x: torch.Tensor, kl_scale: float) -> float:
     """One SVI step on the batch ``x``; returns the (KL-scaled) negative ELBO summed over the batch."""
     return svi.step(x, kl_scale=kl_scale)
-
-
-@torch.no_grad()
-def layer_kls(model, guide, x: torch.Tensor) -> dict:
-    """Per-layer KL ``E_q[log q(z_l|.) - log p(z_l|.)]`` per image, single-sample estimate, at ``kl_scale = 1``.
-
-    Also returns ``"recon"``, the reconstruction log-likelihood per image, so ``elbo = recon - sum(kl)``.
-    """
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        gtr = poutine.trace(guide).get_trace(x)
-        mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
-    n = x.shape[0]
-    out = {}
-    for name in model.latent_sites:
-        z = gtr.nodes[name]["value"]
-        out[name] = float((gtr.nodes[name]["fn"].log_prob(z) - mtr.nodes[name]["fn"].log_prob(z)).sum()) / n
-    out["recon"] = float(mtr.nodes["x"]["fn"].log_prob(x).sum()) / n
-    return out
 
 
 @torch.no_grad()
@@ -218,21 +200,6 @@ def write_config(run_dir: str, config: RunConfig, argv=None) -> None:
     atomic_write_json(os.path.join(run_dir, "config.json"), d)
 
 
-def truncate_metrics(path: str, step: int) -> None:
-    """Keep only the ``metrics.jsonl`` lines at or before ``step`` (used when resuming)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except json.JSONDecodeError:
-                continue
-    atomic_write_text(path, "".join(kept))
-
-
 class _SigintFlag:
     """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
 
@@ -320,7 +287,7 @@ def fit(
     schedule = KLSchedule(tc.anneal)
     binarize = config.model.likelihood == "bernoulli"
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    writer = _tensorboard(run_dir, log) if par.is_lead else None
+    writer = open_tensorboard(run_dir, log) if par.is_lead else None
     step, t0, last = start, time.time(), {}
     window_t, window_n = time.time(), 0
     interrupted = False
@@ -351,7 +318,7 @@ def fit(
                 now = time.time()
                 img_per_s = window_n / max(now - window_t, 1e-9)
                 # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
-                last = _log_record(model, guide, x, step, loss / par.world_size, kl_scale, img_per_s, now - t0)
+                last = log_record(model, guide, x, step, loss / par.world_size, kl_scale, img_per_s, now - t0)
                 window_t, window_n = now, 0
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -359,7 +326,7 @@ def fit(
                     for k, v in last.items():
                         if isinstance(v, (int, float)) and k != "step":
                             writer.add_scalar(k, v, step)
-                bar.set_postfix(_postfix(last), refresh=False)
+                bar.set_postfix(postfix(last), refresh=False)
             if par.any(sigint.raised):
                 interrupted = True
                 break
@@ -376,43 +343,3 @@ def fit(
         log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
     model.eval(), guide.eval()
     return TrainResult(step, interrupted, path, last, time.time() - t0)
-
-
-def _log_record(model, guide, x, step, loss, kl_scale, img_per_s, elapsed) -> dict:
-    was = model.training, guide.training
-    model.eval(), guide.eval()  # no batch-norm statistics are updated by logging
-    try:
-        kls = layer_kls(model, guide, x)
-    finally:
-        model.train(was[0]), guide.train(was[1])
-    kl_total = sum(v for k, v in kls.items() if k.startswith("z"))
-    rec = {
-        "step": step,
-        "loss": float(loss) / x.shape[0],
-        "kl_scale": kl_scale,
-        "elbo": kls["recon"] - kl_total,
-        "recon": kls["recon"],
-        "img_per_s": img_per_s,
-        "elapsed_s": elapsed,
-    }
-    rec.update({f"kl_{k}": v for k, v in kls.items() if k.startswith("z")})
-    return rec
-
-
-def _postfix(rec: dict) -> dict:
-    out = {"loss": f"{rec['loss']:.1f}", "elbo": f"{rec['elbo']:.1f}"}
-    out.update({k[3:]: f"{v:.2f}" for k, v in rec.items() if k.startswith("kl_z")})
-    out["img/s"] = f"{rec['img_per_s']:.0f}"
-    return out
-
-
-def _tensorboard(run_dir, log):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:
-        return None
-    try:
-        return SummaryWriter(os.path.join(run_dir, "tensorboard"))
-    except Exception as e:  # pragma: no cover - optional extra
-        log(f"tensorboard logging disabled: {e}")
-        return None

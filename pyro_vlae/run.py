@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                 validate_all=args.validate_all_steps,
             )
             if result.interrupted:
-                return 130
+                return 128 + int(result.stop_signal)  # 130 after Ctrl-C, 143 after SIGTERM, as a shell reports
             return _finish(run_dir, config, bundle, result, device, args) if par.is_lead else 0
     except (DatasetError, CheckpointError, RunLockedError, TrainingDiverged, ValueError, OSError) as e:
         return _fail(str(e), 1 if isinstance(e, TrainingDiverged) else 2)

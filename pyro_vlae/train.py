@@ -200,28 +200,33 @@ def write_config(run_dir: str, config: RunConfig, argv=None) -> None:
     atomic_write_json(os.path.join(run_dir, "config.json"), d)
 
 
-class _SigintFlag:
-    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
+class _StopSignals:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends before killing a job) into a flag the
+    loop checks between steps, so the run ends with a checkpoint; a second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = False
-        self._old = None
+        self.signum = 0
+        self._old = {}
 
     def _handler(self, signum, frame):
         if self.raised:
             raise KeyboardInterrupt
-        self.raised = True
+        self.raised, self.signum = True, signum
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -231,6 +236,7 @@ class TrainResult:
     checkpoint: str
     last_metrics: dict
     seconds: float
+    stop_signal: int = 0  # the signal that interrupted the run (SIGINT or SIGTERM), 0 otherwise
 
 
 # Steps checked by Pyro's validation at each start or resume before it is switched off (see ``fit``).
@@ -294,7 +300,7 @@ def fit(
     progress = progress and par.is_lead
     validation = is_validation_enabled()
     bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, dynamic_ncols=True, desc=config.model_kind)
-    with _SigintFlag() as sigint, open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
+    with _StopSignals() as stop, open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
         while step < tc.num_steps:
             x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
             if binarize:
@@ -327,7 +333,7 @@ def fit(
                         if isinstance(v, (int, float)) and k != "step":
                             writer.add_scalar(k, v, step)
                 bar.set_postfix(postfix(last), refresh=False)
-            if par.any(sigint.raised):
+            if par.any(stop.raised):
                 interrupted = True
                 break
             if step % tc.checkpoint_every == 0 and step < tc.num_steps:
@@ -342,4 +348,6 @@ def fit(
     if interrupted and par.is_lead:
         log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
     model.eval(), guide.eval()
-    return TrainResult(step, interrupted, path, last, time.time() - t0)
+    return TrainResult(
+        step, interrupted, path, last, time.time() - t0, stop.signum or (signal.SIGINT if interrupted else 0)
+    )

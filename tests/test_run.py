@@ -126,7 +126,8 @@ def test_preset_shape_mismatch_names_both_shapes(tmp_path, capsys):
     assert code == 2 and "(1, 16, 16)" in err and "(1, 28, 28)" in err
 
 
-def test_sigint_checkpoints_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
+def test_stop_signal_checkpoints_and_resume_finishes(tmp_path, sig, code):
     run = tmp_path / "run"
     args = [
         sys.executable,
@@ -150,9 +151,9 @@ def test_sigint_checkpoints_and_resume_finishes(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     step = load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"]
     assert 1 <= step < 100000 and "--resume" in out
     res = cli("--resume", str(run), "--num-steps", str(step + 5), *QUIET_FLAGS)

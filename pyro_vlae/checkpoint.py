@@ -9,6 +9,7 @@ weight, which torch's zip reader does not notice) is refused too.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -221,10 +222,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def folder_guard(folder: str):
+    """Hold an exclusive ``flock`` on the folder itself while checking and taking its ``run.lock``.
+
+    Without it two processes could both find a stale lock, both remove it and both go on; or one could read the lock
+    file in the instant between another's create and its PID write.  The kernel drops the guard if its holder dies.
+    Where ``fcntl`` does not exist (Windows) this does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 class RunLock:
     """An exclusive ``run.lock`` file holding the owner's PID.  A lock left by a dead process is taken over.
 
-    Use as a context manager; raises :class:`RunLockedError` when a live process holds it.
+    Checking and taking the lock happen under :func:`folder_guard`, so concurrent starts cannot both take it.  Use as
+    a context manager; raises :class:`RunLockedError` when a live process holds it.
     """
 
     def __init__(self, run_dir: str):
@@ -232,6 +255,10 @@ class RunLock:
         self.held = False
 
     def acquire(self):
+        with folder_guard(os.path.dirname(self.path) or "."):
+            return self._acquire()
+
+    def _acquire(self):
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -83,6 +83,23 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
+def test_stale_lock_takeover_waits_for_the_folder_guard(tmp_path):
+    """A start that finds a stale lock checks and takes it only under the folder's flock, so two starts in the same
+    instant cannot both take it over."""
+    import threading
+
+    (tmp_path / "run.lock").write_text("999999999")  # stale
+    got = []
+    with C.folder_guard(str(tmp_path)):  # another start is between its check and its take
+        t = threading.Thread(target=lambda: got.append(C.RunLock(str(tmp_path)).acquire()))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and (tmp_path / "run.lock").read_text() == "999999999", "it must wait for the guard"
+    t.join(10)
+    assert not t.is_alive() and got[0].held and (tmp_path / "run.lock").read_text() == str(os.getpid())
+    got[0].release()
+
+
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
     with C.RunLock(str(tmp_path)):
         assert (tmp_path / "run.lock").read_text() == str(os.getpid())

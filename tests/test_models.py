@@ -309,3 +309,17 @@ def test_semi_supervised_composition_improves_elbo():
         svi.step(x, y)
     last = elbo.loss(model, guide, x, y)
     assert last < first - 0.1 * abs(first)
+
+
+def test_readme_python_api_example_runs():
+    """The README's Python API block, executed as written: one SVI step, then the top layer fixed by a handler."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert isinstance(scope["loss"], float) and scope["loss"] == scope["loss"]
+    assert scope["digits"].shape == (16, 1, 28, 28)

@@ -94,11 +94,12 @@ class FusedAdam(PyroOptim):
             self._names[p] = self._name(p)
         if new:
             self._add(new)
-        # Adam steps every parameter holding a gradient; hide those of parameters this step did not use.
-        stepped = set(params)
+        # Adam steps every parameter holding a gradient; hide those of parameters this step did not use.  The usual
+        # case, every known parameter in this step, needs no search.
         hidden = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
+        if len(params) != len(self._names):
+            stepped = set(params)
+            for p in self._names:
                 if p.grad is not None and p not in stepped:
                     hidden[p], p.grad = p.grad, None
         try:

@@ -34,11 +34,16 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     model, guide, cfg, state = load_run(args.run_dir, checkpoint=args.checkpoint)
-    bundle = load_data(cfg.dataset, cfg.data_dir, 100)
+    size = cfg.model.image_shape[-1]
+    bundle = load_data(cfg.dataset, cfg.data_dir, 100, seed=cfg.seed, sprites_size=size, celeba_size=size)
+    if not bundle.num_classes:
+        raise SystemExit(f"{cfg.dataset} has no class labels: the probe needs a classifier for its features")
     (x, y), (xt, yt) = bundle.tensors("train"), bundle.tensors("test")
     if xt.shape[0] < args.reference + 2 * args.chains:
         raise SystemExit(f"need {args.reference + 2 * args.chains} test images, the test set has {xt.shape[0]}")
-    clf, info = get_classifier(x, y, num_classes=10, cache_dir=args.cache, x_test=xt, y_test=yt, log=lambda *a: None)
+    clf, info = get_classifier(
+        x, y, num_classes=bundle.num_classes, cache_dir=args.cache, x_test=xt, y_test=yt, log=lambda *a: None
+    )
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(xt.shape[0], generator=g)
     ref = extract_features(clf, xt[perm[: args.reference]])

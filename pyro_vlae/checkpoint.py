@@ -10,6 +10,7 @@ weight, which torch's zip reader does not notice) is refused too.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -237,7 +239,15 @@ def folder_guard(folder: str):
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                raise
+            # Some network filesystems have no flock: the lock still works, without the guard against a race.
+            warnings.warn(
+                f"{folder}: no flock on this filesystem ({e.strerror}); run.lock is taken unguarded", stacklevel=3
+            )
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--latent-dims",
         type=_latent_dims,
         metavar="D1,D2,...",
-        help="sizes of z1 (bottom) .. zL, which also sets the number of layers (default: the preset's)",
+        help="sizes of z1 (bottom) .. zL, which also sets the number of layers; the flat vae gets one code of their "
+        "total size (default: the preset's)",
     )
     p.add_argument("--obs-scale", type=_positive_float, help="Gaussian sigma or Laplace scale b = 1/loss_ratio")
     p.add_argument("--anneal", type=_schedule, help=f"KL-scale schedule: {SCHEDULE_HELP}")

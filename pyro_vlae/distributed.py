@@ -19,9 +19,9 @@ Design.  A run with ``W`` processes of ``--batch-size B`` takes the same step as
   gradients over ranks, so each rank back-propagates ``W`` times its loss: the averaged gradient is then the sum over
   all ``W B`` images, the gradient of the one-process batch (Adam is nearly scale-invariant, so an average would train
   almost alike, but the optimizer state would differ by the factor ``W``).  The step itself stays Pyro's: the
-  parameters seen by ``poutine.trace(param_only=True)`` are stepped by the same per-parameter ``pyro.optim.Adam`` and
-  zeroed, as :meth:`pyro.infer.SVI.step` does, so checkpoints (``optim.get_state()``) keep their format and a run may
-  be resumed with another number of processes.
+  parameters seen by ``poutine.trace(param_only=True)`` are stepped by the same optimiser as in one process
+  (:class:`pyro_vlae.optim.FusedAdam`) and zeroed, as :meth:`pyro.infer.SVI.step` does, so checkpoints
+  (``optim.get_state()``) keep their format and a run may be resumed with another number of processes.
 * **Latent noise.**  All ranks share one random stream (rank 0's state is broadcast at start and on resume).  For each
   latent site the guide draws the standard-normal noise of the *whole* global batch and keeps its own rows
   (:class:`ShardNoise`), and binarisation does the same (:meth:`DataParallel.bernoulli`).  Each rank thus uses

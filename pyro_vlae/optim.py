@@ -10,7 +10,9 @@ The update is Adam's, parameter by parameter: each parameter keeps its own momen
 first appear in a later step (a model composed with new ``pyro.param`` sites) start from zero state then, and a
 parameter missing from a step is not moved.  :meth:`FusedAdam.get_state` writes the per-parameter format of
 ``pyro.optim.Adam`` (``{param name: torch optimiser state dict}``), and :meth:`FusedAdam.set_state` reads it, so
-checkpoints written by either optimiser resume with the other.
+checkpoints written by either optimiser resume with the other.  Hyperparameters (``lr``, ``betas``...) always come
+from the constructor, not from the saved state, so a run resumed with another ``--lr`` uses it (``pyro.optim.Adam``
+restores the saved ones).
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ class FusedAdam(PyroOptim):
             self.optimizer.load_state_dict(sd)
 
     def __call__(self, params, *args, **kwargs) -> None:
-        """Take one Adam step on ``params`` (the set ``SVI`` captured) and clear their gradients.
+        """Take one Adam step on ``params``, the parameters ``SVI`` captured in this step's trace.
 
-        Gradients are set to ``None`` rather than zeroed, so ``pyro.infer.util.zero_grads`` that follows in
-        ``SVI.step`` has nothing left to do; the next ``backward`` writes fresh gradients either way.
+        As with ``pyro.optim.Adam``, a parameter in ``params`` is stepped even when this step gave it no gradient (it
+        then holds the zeros ``pyro.infer.util.zero_grads`` left), and a known parameter missing from ``params`` is
+        not moved.
         """
         params = list(params)
         if not params:
@@ -107,8 +110,6 @@ class FusedAdam(PyroOptim):
         finally:
             for p, g in hidden.items():
                 p.grad = g
-        for p in params:
-            p.grad = None
 
     def get_state(self) -> dict:
         """``{param name: {"state": {0: ...}, "param_groups": [...]}}``, the format of ``pyro.optim.Adam``."""

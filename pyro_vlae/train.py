@@ -201,8 +201,10 @@ def write_config(run_dir: str, config: RunConfig, argv=None) -> None:
 
 
 class _StopSignals:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends before killing a job) into a flag the
-    loop checks between steps, so the run ends with a checkpoint; a second signal interrupts at once."""
+    """Turns Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends before killing a job) into a flag the loop
+    checks between steps, so the run ends with a checkpoint.  A second Ctrl-C interrupts at once; further SIGTERMs
+    are ignored, since schedulers and torchrun's agent often send one each.  The handlers stay installed until the
+    final checkpoint is written."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -213,7 +215,9 @@ class _StopSignals:
 
     def _handler(self, signum, frame):
         if self.raised:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.raised, self.signum = True, signum
 
     def __enter__(self):
@@ -300,54 +304,56 @@ def fit(
     progress = progress and par.is_lead
     validation = is_validation_enabled()
     bar = tqdm(total=tc.num_steps, initial=start, disable=not progress, dynamic_ncols=True, desc=config.model_kind)
-    with _StopSignals() as stop, open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
-        while step < tc.num_steps:
-            x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
-            if binarize:
-                x = par.bernoulli(x)
-            kl_scale = schedule(step)
-            if tc.fade_in and hasattr(model, "ladder_gain"):
-                model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, tc.fade_in)))
-            with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
-                loss = train_step(svi, x, kl_scale)
-            if not is_finite(float(loss)):
-                bar.close()
-                raise TrainingDiverged(
-                    f"the loss became {loss} at step {step + 1}; training stopped. The last good checkpoint is "
-                    f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
-                    "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
-                )
-            step += 1
-            window_n += x.shape[0] * par.world_size
-            bar.update(1)
-            if par.is_lead and (step % tc.log_every == 0 or step == tc.num_steps):
-                now = time.time()
-                img_per_s = window_n / max(now - window_t, 1e-9)
-                # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
-                last = log_record(model, guide, x, step, loss / par.world_size, kl_scale, img_per_s, now - t0)
-                window_t, window_n = now, 0
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    for k, v in last.items():
-                        if isinstance(v, (int, float)) and k != "step":
-                            writer.add_scalar(k, v, step)
-                bar.set_postfix(postfix(last), refresh=False)
-            if par.any(stop.raised):
-                interrupted = True
-                break
-            if step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                keep = bool(tc.keep_every) and step % tc.keep_every == 0
-                last_good = ckpt_path
-                if par.is_lead:
-                    save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    path = save_run_checkpoint(run_dir, model, guide, optim, step, config) if par.is_lead else ckpt_path
-    if interrupted and par.is_lead:
-        log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
+    with _StopSignals() as stop:  # kept until the final checkpoint is written
+        with open(metrics_path, "a") if par.is_lead else open(os.devnull, "w") as metrics:
+            while step < tc.num_steps:
+                x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
+                if binarize:
+                    x = par.bernoulli(x)
+                kl_scale = schedule(step)
+                if tc.fade_in and hasattr(model, "ladder_gain"):
+                    model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, tc.fade_in)))
+                with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
+                    loss = train_step(svi, x, kl_scale)
+                if not is_finite(float(loss)):
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at step {step + 1}; training stopped. The last good checkpoint is "
+                        f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
+                        "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
+                    )
+                step += 1
+                window_n += x.shape[0] * par.world_size
+                bar.update(1)
+                if par.is_lead and (step % tc.log_every == 0 or step == tc.num_steps):
+                    now = time.time()
+                    img_per_s = window_n / max(now - window_t, 1e-9)
+                    # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
+                    last = log_record(model, guide, x, step, loss / par.world_size, kl_scale, img_per_s, now - t0)
+                    window_t, window_n = now, 0
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
+                    if writer is not None:
+                        for k, v in last.items():
+                            if isinstance(v, (int, float)) and k != "step":
+                                writer.add_scalar(k, v, step)
+                    bar.set_postfix(postfix(last), refresh=False)
+                if par.any(stop.raised):
+                    interrupted = True
+                    break
+                if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                    keep = bool(tc.keep_every) and step % tc.keep_every == 0
+                    last_good = ckpt_path
+                    if par.is_lead:
+                        save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        path = save_run_checkpoint(run_dir, model, guide, optim, step, config) if par.is_lead else ckpt_path
+        if interrupted and par.is_lead:
+            log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
+        signum = 0
+        if interrupted:  # every rank reports the same signal (a rank may have been stopped by another's)
+            signum = signal.SIGTERM if par.any(stop.signum == signal.SIGTERM) else signal.SIGINT
     model.eval(), guide.eval()
-    return TrainResult(
-        step, interrupted, path, last, time.time() - t0, stop.signum or (signal.SIGINT if interrupted else 0)
-    )
+    return TrainResult(step, interrupted, path, last, time.time() - t0, int(signum))

@@ -91,13 +91,26 @@ def test_stale_lock_takeover_waits_for_the_folder_guard(tmp_path):
     (tmp_path / "run.lock").write_text("999999999")  # stale
     got = []
     with C.folder_guard(str(tmp_path)):  # another start is between its check and its take
-        t = threading.Thread(target=lambda: got.append(C.RunLock(str(tmp_path)).acquire()))
+        t = threading.Thread(target=lambda: got.append(C.RunLock(str(tmp_path)).acquire()), daemon=True)
         t.start()
         t.join(0.5)
         assert t.is_alive() and (tmp_path / "run.lock").read_text() == "999999999", "it must wait for the guard"
     t.join(10)
     assert not t.is_alive() and got[0].held and (tmp_path / "run.lock").read_text() == str(os.getpid())
     got[0].release()
+
+
+def test_folder_without_flock_still_locks_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.warns(UserWarning, match="no flock on this filesystem"):
+        with C.RunLock(str(tmp_path)) as lock:
+            assert lock.held and (tmp_path / "run.lock").read_text() == str(os.getpid())
 
 
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):

@@ -29,6 +29,10 @@ def _problem():
             loc = loc + pyro.param("late", torch.full((2,), 0.5))
         if step % 2 == 0:
             loc = loc * pyro.param("even", torch.ones(2))
+        # In the trace every step, but with a gradient only on steps divisible by 3: Adam still moves it in between
+        # (on the zeros SVI left), as pyro.optim.Adam does.
+        d = pyro.param("sometimes_detached", torch.zeros(2))
+        loc = loc + (d if step % 3 == 0 else d.detach())
         with pyro.plate("data", 8):
             z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
             pyro.sample("y", dist.Normal(z.sum(-1), 0.5), obs=y)
@@ -76,6 +80,7 @@ def test_same_trajectory_as_pyro_adam(fused):
     # Not a vacuous comparison: the late and the even-only parameters did move, and by different amounts.
     assert not torch.allclose(got["late"], torch.full((2,), 0.5))
     assert not torch.allclose(got["even"], torch.ones(2))
+    assert not torch.allclose(got["sometimes_detached"], torch.zeros(2))
 
 
 def test_parameter_missing_from_a_step_is_not_moved():
@@ -90,7 +95,7 @@ def test_parameter_missing_from_a_step_is_not_moved():
     opt([p])
     assert torch.all(p.detach() < before) and torch.equal(q.detach(), before)
     assert torch.equal(q.grad, torch.ones(3)), "the unused parameter's gradient must be left as it was"
-    assert p.grad is None
+    assert torch.equal(p.grad, torch.ones(3)), "gradients are left for SVI's zero_grads, as with pyro.optim.Adam"
 
 
 @pytest.mark.parametrize(
@@ -98,19 +103,31 @@ def test_parameter_missing_from_a_step_is_not_moved():
     [(Adam, FusedAdam), (FusedAdam, Adam), (FusedAdam, FusedAdam)],
     ids=["pyro-fused", "fused-pyro", "fused-fused"],
 )
-def test_state_resumes_across_optimisers(first, second):
-    """Six steps, save, six more with either optimiser equals twelve uninterrupted Pyro Adam steps."""
+@pytest.mark.parametrize("split", [5, 6], ids=["late-param-after-resume", "all-params-before"])
+def test_state_resumes_across_optimisers(first, second, split):
+    """``split`` steps, save, the rest with either optimiser equals twelve uninterrupted Pyro Adam steps.  At split 5
+    the parameter ``even`` first returns after the resume, so its saved state is loaded when it appears."""
     ref, _ = _train(Adam({"lr": LR}), 12)
-    _, snap = _train(first({"lr": LR}), 6)
+    _, snap = _train(first({"lr": LR}), split)
     buf = io.BytesIO()  # the optimiser state survives a weights-only checkpoint round trip
     torch.save(snap["optim"], buf)
     buf.seek(0)
     snap["optim"] = torch.load(buf, weights_only=True)
-    got, _ = _train(second({"lr": LR}), 6, start=6, state=snap)
+    got, _ = _train(second({"lr": LR}), 12 - split, start=split, state=snap)
     _assert_close(ref, got)
     # Resuming without the optimiser state is measurably different: the state matters and was used.
-    fresh, _ = _train(second({"lr": LR}), 6, start=6, state={**snap, "optim": {}})
+    fresh, _ = _train(second({"lr": LR}), 12 - split, start=split, state={**snap, "optim": {}})
     assert max((fresh[k] - ref[k]).abs().max().item() for k in ref) > 1e-3
+
+
+def test_learning_rate_comes_from_the_constructor_on_resume():
+    """A resumed run with another --lr uses it (pyro.optim.Adam would restore the saved one)."""
+    _, snap = _train(FusedAdam({"lr": LR}), 4)
+    opt = FusedAdam({"lr": 0.5})
+    _train(opt, 1, start=4, state=snap)
+    assert [g["lr"] for g in opt.optimizer.param_groups] == [0.5]
+    param_of = {name: p for p, name in opt._names.items()}
+    assert opt.optimizer.state[param_of["a"]]["step"].item() == 5, "the moments were restored, then stepped once"
 
 
 def test_state_of_parameters_not_seen_yet_is_kept():

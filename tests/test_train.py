@@ -184,3 +184,19 @@ def test_validation_checks_the_first_steps_of_each_start(bundle, tmp_path, monke
     with pyro.validation_enabled(False):
         T.fit(tiny_config(num_steps=2), bundle, str(tmp_path / "off"), "cpu", progress=False)
     assert seen == [False, False]
+
+
+def test_stop_signals_set_a_flag_and_only_a_second_ctrl_c_interrupts():
+    import os
+    import signal
+
+    with T._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's second SIGTERM is ignored
+        assert stop.raised and stop.signum == signal.SIGTERM
+    with T._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.raised and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handlers are restored"

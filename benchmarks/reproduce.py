@@ -30,6 +30,7 @@ VARIANTS = {
     "mnist": [
         ("hvae-bernoulli", "hvae", ["--likelihood", "bernoulli"]),
         ("hvae-z16", "hvae", ["--latent-dims", "16,16,16"]),
+        ("hvae-z16-learned-sigma", "hvae", ["--latent-dims", "16,16,16", "--likelihood", "gaussian-learned"]),
     ],
     "sprites": [],
 }
@@ -160,8 +161,8 @@ def main(argv=None):
         "--runs",
         nargs="+",
         metavar="TAG",
-        help="train only these runs (tags: vlae, hvae, vae-beta4, hvae-bernoulli, hvae-z16); the tables still list "
-        "every run already evaluated under --root. Lets runs go in parallel processes.",
+        help="train only these runs (tags: see EXPERIMENTS and VARIANTS); the tables still list every run already "
+        "evaluated under --root. Lets runs go in parallel processes.",
     )
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)

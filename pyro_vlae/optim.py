@@ -83,11 +83,13 @@ class FusedAdam(PyroOptim):
             self.optimizer.load_state_dict(sd)
 
     def __call__(self, params, *args, **kwargs) -> None:
-        """Take one Adam step on ``params``, the parameters ``SVI`` captured in this step's trace.
+        """Take one Adam step on ``params``, the parameters ``SVI`` captured in this step's trace, then clear their
+        gradients (``None``, so ``pyro.infer.util.zero_grads`` that follows in ``SVI.step`` has nothing to zero and
+        the next ``backward`` writes fresh gradients instead of adding to a zeroed copy of every parameter).
 
-        As with ``pyro.optim.Adam``, a parameter in ``params`` is stepped even when this step gave it no gradient (it
-        then holds the zeros ``pyro.infer.util.zero_grads`` left), and a known parameter missing from ``params`` is
-        not moved.
+        The update is ``pyro.optim.Adam``'s: a parameter in ``params`` that this step gave no gradient still moves on
+        its moments once it has any (Pyro's optimiser sees the zeros left by ``zero_grads``), and a known parameter
+        missing from ``params`` is not moved.
         """
         params = list(params)
         if not params:
@@ -97,6 +99,10 @@ class FusedAdam(PyroOptim):
             self._names[p] = self._name(p)
         if new:
             self._add(new)
+        state = self.optimizer.state
+        for p in params:
+            if p.grad is None and state.get(p):  # traced without a gradient this step
+                p.grad = torch.zeros_like(p)
         # Adam steps every parameter holding a gradient; hide those of parameters this step did not use.  The usual
         # case, every known parameter in this step, needs no search.
         hidden = {}
@@ -110,6 +116,8 @@ class FusedAdam(PyroOptim):
         finally:
             for p, g in hidden.items():
                 p.grad = g
+        for p in params:
+            p.grad = None
 
     def get_state(self) -> dict:
         """``{param name: {"state": {0: ...}, "param_groups": [...]}}``, the format of ``pyro.optim.Adam``."""

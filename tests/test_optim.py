@@ -15,7 +15,7 @@ from pyro_vlae.optim import FusedAdam
 LR = 0.05
 
 
-def _problem():
+def _problem(detached=True):
     """A small model with an nn.Module, a param used from step 3 on, and one used on even steps only."""
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
@@ -31,8 +31,9 @@ def _problem():
             loc = loc * pyro.param("even", torch.ones(2))
         # In the trace every step, but with a gradient only on steps divisible by 3: Adam still moves it in between
         # (on the zeros SVI left), as pyro.optim.Adam does.
-        d = pyro.param("sometimes_detached", torch.zeros(2))
-        loc = loc + (d if step % 3 == 0 else d.detach())
+        if detached:
+            d = pyro.param("sometimes_detached", torch.zeros(2))
+            loc = loc + (d if step % 3 == 0 else d.detach())
         with pyro.plate("data", 8):
             z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
             pyro.sample("y", dist.Normal(z.sum(-1), 0.5), obs=y)
@@ -46,10 +47,10 @@ def _problem():
     return model, guide, net
 
 
-def _train(optim, steps, start=0, state=None):
+def _train(optim, steps, start=0, state=None, detached=True):
     """Run ``steps`` SVI steps from a fresh param store; returns every parameter's value and the optimiser."""
     pyro.clear_param_store()
-    model, guide, net = _problem()
+    model, guide, net = _problem(detached)
     if state is not None:
         # The module is restored from its state dict (as train.load_run does); the store holds the other params.
         net.load_state_dict(state["net"])
@@ -95,7 +96,7 @@ def test_parameter_missing_from_a_step_is_not_moved():
     opt([p])
     assert torch.all(p.detach() < before) and torch.equal(q.detach(), before)
     assert torch.equal(q.grad, torch.ones(3)), "the unused parameter's gradient must be left as it was"
-    assert torch.equal(p.grad, torch.ones(3)), "gradients are left for SVI's zero_grads, as with pyro.optim.Adam"
+    assert p.grad is None, "stepped parameters' gradients are cleared"
 
 
 @pytest.mark.parametrize(
@@ -107,16 +108,20 @@ def test_parameter_missing_from_a_step_is_not_moved():
 def test_state_resumes_across_optimisers(first, second, split):
     """``split`` steps, save, the rest with either optimiser equals twelve uninterrupted Pyro Adam steps.  At split 5
     the parameter ``even`` first returns after the resume, so its saved state is loaded when it appears."""
-    ref, _ = _train(Adam({"lr": LR}), 12)
-    _, snap = _train(first({"lr": LR}), split)
+    # pyro.optim.Adam itself is not resume-exact for a traced parameter without a gradient in the first step after a
+    # resume (its gradient is then None, not the zeros zero_grads left), so that parameter is left out when Pyro's
+    # optimiser is the one resuming.
+    d = second is not Adam
+    ref, _ = _train(Adam({"lr": LR}), 12, detached=d)
+    _, snap = _train(first({"lr": LR}), split, detached=d)
     buf = io.BytesIO()  # the optimiser state survives a weights-only checkpoint round trip
     torch.save(snap["optim"], buf)
     buf.seek(0)
     snap["optim"] = torch.load(buf, weights_only=True)
-    got, _ = _train(second({"lr": LR}), 12 - split, start=split, state=snap)
+    got, _ = _train(second({"lr": LR}), 12 - split, start=split, state=snap, detached=d)
     _assert_close(ref, got)
     # Resuming without the optimiser state is measurably different: the state matters and was used.
-    fresh, _ = _train(second({"lr": LR}), 12 - split, start=split, state={**snap, "optim": {}})
+    fresh, _ = _train(second({"lr": LR}), 12 - split, start=split, state={**snap, "optim": {}}, detached=d)
     assert max((fresh[k] - ref[k]).abs().max().item() for k in ref) > 1e-3
 
 

@@ -94,8 +94,8 @@ def _table(folders, add_rows) -> str:
             evals.append((m, json.load(fh)))
     rows = ["| quantity | " + " | ".join(m for m, _ in folders) + " |", "|---|" + "---|" * len(folders)]
 
-    def row(name, fn):
-        rows.append(f"| {name} | " + " | ".join(_fmt(fn(e)) for _, e in evals) + " |")
+    def row(name, fn, nd=3):
+        rows.append(f"| {name} | " + " | ".join(_fmt(fn(e), nd) for _, e in evals) + " |")
 
     add_rows(row, evals)
     return "\n".join(rows)
@@ -111,7 +111,7 @@ def sprites_table(folders) -> str:
 
 def _mnist_rows(row, evals):
     row("training steps", lambda e: e.get("step"))
-    row("training minutes", lambda e: round(e.get("train_seconds", 0) / 60, 1))
+    row("training minutes (machine shared with other runs)", lambda e: e.get("train_seconds", 0) / 60, nd=1)
     row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
     row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
     row("IWAE samples K", lambda e: _get(e, "evaluation", "test", "likelihood", "num_samples"))

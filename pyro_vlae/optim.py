@@ -119,6 +119,21 @@ class FusedAdam(PyroOptim):
         for p in params:
             p.grad = None
 
+    def untrained(self, modules) -> list:
+        """Names of the parameters of ``modules`` that this optimiser does not hold (call after a step).
+
+        Such a parameter never moves: it was not registered with Pyro, or the param store holds a copy of it (Pyro
+        stores ``.contiguous()`` tensors, so a ``channels_last`` convolution weight is copied, and the copy is what
+        SVI captures and steps).
+        """
+        held = set(self._names)
+        return [
+            f"{type(m).__name__}.{n}"
+            for m in modules
+            for n, p in m.named_parameters()
+            if p.requires_grad and p not in held
+        ]
+
     def get_state(self) -> dict:
         """``{param name: {"state": {0: ...}, "param_groups": [...]}}``, the format of ``pyro.optim.Adam``."""
         out = dict(self._state_waiting_to_be_consumed)  # state loaded for parameters not seen yet is kept

@@ -247,6 +247,18 @@ class TrainResult:
 VALIDATED_STEPS = 10
 
 
+def _check_every_parameter_trains(optim, model, guide) -> None:
+    """After the first step: refuse to go on when a network parameter is not held by the optimiser (it would never
+    move; see :meth:`pyro_vlae.optim.FusedAdam.untrained`)."""
+    missed = optim.untrained([model, guide]) if hasattr(optim, "untrained") else []
+    if missed:
+        raise ValueError(
+            f"{len(missed)} network parameter(s) are not held by the optimiser and would never train: "
+            f"{', '.join(missed[:5])}. Register every module with pyro.module or PyroModule, and keep the default "
+            "memory layout (Pyro's param store copies channels_last weights)."
+        )
+
+
 def is_finite(loss: float) -> bool:
     return isinstance(loss, float) and math.isfinite(loss)
 
@@ -323,6 +335,8 @@ def fit(
                         "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
                     )
                 step += 1
+                if step == start + 1:
+                    _check_every_parameter_trains(optim, model, guide)
                 window_n += x.shape[0] * par.world_size
                 bar.update(1)
                 if par.is_lead and (step % tc.log_every == 0 or step == tc.num_steps):

@@ -200,3 +200,36 @@ def test_stop_signals_set_a_flag_and_only_a_second_ctrl_c_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "handlers are restored"
+
+
+def test_parameters_the_optimiser_does_not_hold_stop_training(bundle, tmp_path, monkeypatch):
+    """A channels_last convolution weight is copied by Pyro's param store, so SVI would step the copy and the network
+    would never train: the first step refuses to go on, naming the parameters."""
+    real_build = T.build
+
+    def channels_last_build(config, device):
+        model, guide, optim, svi = real_build(config, device)
+        model.to(memory_format=torch.channels_last)
+        return model, guide, optim, svi
+
+    monkeypatch.setattr(T, "build", channels_last_build)
+    with pytest.raises(ValueError, match=r"would never train: .*decoder.*channels_last"):
+        T.fit(tiny_config(), bundle, str(tmp_path), "cpu", progress=False)
+
+
+def test_every_network_parameter_moves_in_training(bundle, tmp_path, monkeypatch):
+    real_build, init = T.build, {}
+
+    def recording_build(config, device):
+        model, guide, optim, svi = real_build(config, device)
+        for prefix, m in (("model", model), ("guide", guide)):
+            init.update({f"{prefix}.{n}": p.detach().clone() for n, p in m.named_parameters()})
+        return model, guide, optim, svi
+
+    monkeypatch.setattr(T, "build", recording_build)
+    T.fit(tiny_config(num_steps=3), bundle, str(tmp_path), "cpu", progress=False)
+    state = load_checkpoint(str(tmp_path / "checkpoints" / "latest.pt"))
+    after = {f"{prefix}.{n}": v for prefix in ("model", "guide") for n, v in state[prefix].items()}
+    assert init and init.keys() <= after.keys()
+    frozen = [n for n in init if torch.equal(init[n], after[n])]
+    assert not frozen, f"parameters that never moved: {frozen}"

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m pyro_vlae.run --model vlae                      # full MNIST, CPU-sized preset on CPU (~12 min)
+    python -m pyro_vlae.run --model vlae                      # full MNIST, CPU-sized preset on CPU (~6 min)
     python -m pyro_vlae.run --model hvae --num-steps 6000     # the stacked HVAE of matched capacity
     python -m pyro_vlae.run --resume runs/vlae_mnist_seed0_...  # continue a run exactly where it stopped
     python -m pyro_vlae.run --visualize-only runs/vlae_mnist_seed0_...

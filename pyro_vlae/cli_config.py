@@ -145,35 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that replace a ModelConfig field, and flags that replace a TrainConfig field, each of the same name.
+MODEL_FLAGS = ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection")
+TRAIN_FLAGS = (
+    "num_steps", "batch_size", "lr", "anneal", "elbo", "log_every", "checkpoint_every", "fade_in", "keep_every",
+)  # fmt: skip
+
+
 def _overrides(args) -> tuple:
     """``(model, train)``: the settings given on the command line, as dicts of the config fields they replace."""
-    model_over = {
-        k: v
-        for k, v in {
-            "likelihood": args.likelihood,
-            "latent_dims": args.latent_dims,
-            "obs_scale": args.obs_scale,
-            "beta": args.beta,
-            "noise_injection": args.noise_injection,
-        }.items()
-        if v is not None
-    }
-    train_over = {
-        k: v
-        for k, v in {
-            "num_steps": args.num_steps,
-            "batch_size": args.batch_size,
-            "lr": args.lr,
-            "anneal": args.anneal,
-            "elbo": args.elbo,
-            "log_every": args.log_every,
-            "checkpoint_every": args.checkpoint_every,
-            "fade_in": args.fade_in,
-            "keep_every": args.keep_every,
-        }.items()
-        if v is not None
-    }
-    return model_over, train_over
+    given = lambda flags: {f: getattr(args, f) for f in flags if getattr(args, f) is not None}  # noqa: E731
+    return given(MODEL_FLAGS), given(TRAIN_FLAGS)
 
 
 def config_from_args(args, image_shape, cuda: bool) -> RunConfig:
@@ -224,7 +206,7 @@ def resume_conflicts(args, saved: RunConfig) -> list:
         value = getattr(args, flag)
         if value is not None and value != saved_value:
             out.append(f"--{flag} {value} (the run has {saved_value})")
-    for flag in ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection"):
+    for flag in MODEL_FLAGS:
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.model, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.model, flag)})")

@@ -250,7 +250,7 @@ VALIDATED_STEPS = 10
 def _check_every_parameter_trains(optim, model, guide) -> None:
     """After the first step: refuse to go on when a network parameter is not held by the optimiser (it would never
     move; see :meth:`pyro_vlae.optim.FusedAdam.untrained`)."""
-    missed = optim.untrained([model, guide]) if hasattr(optim, "untrained") else []
+    missed = optim.untrained([model, guide])
     if missed:
         raise ValueError(
             f"{len(missed)} network parameter(s) are not held by the optimiser and would never train: "

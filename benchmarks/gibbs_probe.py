@@ -19,10 +19,10 @@ import json
 
 import torch
 
-from pyro_vlae.classifier import extract_features, frechet_distance, get_classifier, predict
 from pyro_vlae.data import load_data
-from pyro_vlae.gibbs import ancestral_means, chain_starts, gibbs_chain
-from pyro_vlae.train import load_run
+from pyro_vlae.evaluation.classifier import extract_features, frechet_distance, get_classifier, predict
+from pyro_vlae.experiments.gibbs import ancestral_means, chain_starts, gibbs_chain
+from pyro_vlae.training.runs import load_run
 
 
 def probe(run_dir, args) -> dict:

@@ -2,7 +2,7 @@
 
 The hand-written step reuses the model's and guide's ``nn.Module`` weights: reparameterised samples, the Laplace
 log-likelihood and each layer's ``log q - log p`` in closed form, summed as ``Trace_ELBO`` sums them, ``backward`` and
-one ``torch.optim.Adam`` step with the same fused kernel that training's :class:`pyro_vlae.optim.FusedAdam` uses.
+one ``torch.optim.Adam`` step with the same fused kernel that training's ``FusedAdam`` uses.
 :func:`check_same_loss` checks that both losses agree on the same noise before anything is timed.
 """
 
@@ -20,11 +20,11 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_vlae.metrics import importance_log_likelihood
+from pyro_vlae.evaluation.likelihood import importance_log_likelihood
 from pyro_vlae.nets import squash
-from pyro_vlae.optim import fused_supported
 from pyro_vlae.presets import get_preset
-from pyro_vlae.train import RunConfig, build
+from pyro_vlae.training.optim import fused_supported
+from pyro_vlae.training.runs import RunConfig, build
 
 KL_SCALE = 0.5
 BATCH = 100

@@ -12,10 +12,10 @@ import json
 
 import torch
 
-from pyro_vlae import interventions as iv
-from pyro_vlae.classifier import get_classifier, predict
 from pyro_vlae.data import load_data
-from pyro_vlae.train import load_run
+from pyro_vlae.evaluation.classifier import get_classifier, predict
+from pyro_vlae.experiments import interventions as iv
+from pyro_vlae.training.runs import load_run
 
 
 def main(argv=None):

@@ -27,9 +27,9 @@ import torch
 from harness import KL_SCALE, alternate, hand_step_fn, load_line, machine_line, make_case, timing_parser
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 
-from pyro_vlae.optim import FusedAdam, fused_supported
+from pyro_vlae.training.optim import FusedAdam, fused_supported
 
-# Validation is off in every variant unless named: training validates its first 10 steps only (pyro_vlae.train.fit).
+# Validation is off in every variant unless named: training validates its first 10 steps only (see fit).
 BASE = "Pyro SVI step (baseline: FusedAdam, validation off, as training)"
 
 _REAL_MODULE = pyro.module

@@ -2,7 +2,7 @@
 
 For the VLAE and the Markov HVAE on the ``mnist`` (reference-sized) and ``mnist-cpu`` presets at batch 100, it times
 
-* ``svi.step(x, kl_scale=0.5)``, exactly what training does (``Trace_ELBO``, :class:`pyro_vlae.optim.FusedAdam`,
+* ``svi.step(x, kl_scale=0.5)``, exactly what training does (``Trace_ELBO``, ``FusedAdam``,
   Pyro's validation off as after training's first 10 steps), and
 * a hand-written step on the *same* ``nn.Module`` weights (``harness.hand_loss``: reparameterised samples, the
   Laplace log-likelihood and each layer's ``log q - log p`` in closed form, ``backward`` and one fused
@@ -46,7 +46,7 @@ def main(args):
     if args.quick:
         args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 3)
     torch.set_num_threads(args.threads)
-    pyro.enable_validation(False)  # as training runs after its first 10 validated steps (pyro_vlae.train.fit)
+    pyro.enable_validation(False)  # as training runs after its first 10 validated steps (pyro_vlae.training.loop.fit)
     torch.manual_seed(0)
     print(f"machine: {machine_line(device)}")
     print(f"before: {load_line()}", flush=True)

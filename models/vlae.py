@@ -49,7 +49,7 @@ class VLAEModel(PyroModule):
         self.decoder = DeconvDecoder(dec_in, c.image_shape, c.channels, bn, "relu")
         self.likelihood = Likelihood(c.likelihood, c.image_shape, c.obs_scale, c.value_range)
         # Gain on each ladder input v_l(z_l), l = 1 .. L-1.  It is 1 except while a progressive schedule fades the
-        # lower layers in (pyro_vlae.annealing.ladder_gains); recomputed from the step, so not saved.
+        # lower layers in (pyro_vlae.training.annealing.ladder_gains); recomputed from the step, so not saved.
         self.register_buffer("ladder_gain", torch.ones(max(L - 1, 0)), persistent=False)
 
     @property

@@ -1,4 +1,4 @@
-"""The command line's flags and how they become a :class:`~pyro_vlae.train.RunConfig`.
+"""The command line's flags and how they become a :class:`~pyro_vlae.training.runs.RunConfig`.
 
 ``build_parser`` declares the flags of ``python -m pyro_vlae.run``; ``config_from_args`` turns them into a new run's
 config; on ``--resume``, ``resume_conflicts`` lists the flags that contradict the saved run, ``forced_config`` applies
@@ -14,12 +14,12 @@ import dataclasses
 import torch
 
 from . import presets as P
-from .annealing import SCHEDULE_HELP, KLSchedule
-from .checkpoint import CheckpointError
 from .data import DATASETS
 from .guides import GUIDES
 from .nets import LIKELIHOODS
-from .train import RunConfig, build
+from .training.annealing import SCHEDULE_HELP, KLSchedule
+from .training.checkpoint import CheckpointError
+from .training.runs import RunConfig, build
 
 
 def _int_at_least(lowest: int, what: str):

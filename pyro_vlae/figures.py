@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from . import gibbs as gb
-from . import interventions as iv
+from .experiments import gibbs as gb
+from .experiments import interventions as iv
 from .plotting import save_panels
 
 

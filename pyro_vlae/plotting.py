@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .checkpoint import atomic_write_bytes  # noqa: E402
+from .training.checkpoint import atomic_write_bytes  # noqa: E402
 
 
 def image_grid(images, nrow: int, pad: int = 1, value_range=(0.0, 1.0)) -> np.ndarray:

@@ -23,13 +23,13 @@ class TrainConfig:
     :param num_steps: SVI steps (one mini-batch each).
     :param batch_size: images per step.
     :param lr: Adam learning rate (the reference uses 2e-4).
-    :param anneal: KL-scale schedule, see :func:`pyro_vlae.annealing.kl_schedule`.
+    :param anneal: KL-scale schedule, see :func:`pyro_vlae.training.annealing.kl_schedule`.
     :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KLs).
     :param log_every: steps between ``metrics.jsonl`` lines.
     :param checkpoint_every: steps between checkpoints (one is always written at the end).
     :param keep_every: steps between checkpoints kept as ``step<k>.pt`` besides ``latest.pt`` (0: none).
     :param fade_in: VLAE only: steps per layer of the progressive fade-in of lower layers (0: off), see
-        :func:`pyro_vlae.annealing.ladder_gains`.
+        :func:`pyro_vlae.training.annealing.ladder_gains`.
     """
 
     num_steps: int = 5000

@@ -20,22 +20,15 @@ import time
 
 import torch
 
-from . import distributed as D
 from . import presets as P
-from .checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint, update_json
 from .cli_config import build_parser, check_weights_fit, config_from_args, forced_config, resume_conflicts
 from .data import DatasetError, load_data
 from .figures import write_figures
-from .progress import truncate_metrics
-from .train import (
-    RunConfig,
-    TrainingDiverged,
-    evaluate_elbo,
-    fit,
-    load_run,
-    resolve_device,
-    write_config,
-)
+from .training import distributed as D
+from .training.checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint, update_json
+from .training.loop import TrainingDiverged, evaluate_elbo, fit
+from .training.progress import truncate_metrics
+from .training.runs import RunConfig, load_run, resolve_device, write_config
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -196,7 +189,7 @@ def _finish(run_dir, config, bundle, result, device, args) -> int:
         paths = write_figures(run_dir, model, guide, config, _test_images(bundle).to(device))
         print("figures written:\n  " + "\n  ".join(paths))
     if not args.no_eval:
-        from .evaluate import evaluate_run
+        from .evaluation.pipeline import evaluate_run
 
         evaluate_run(
             run_dir,

@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from pyro_vlae.checkpoint import CheckpointError
 from pyro_vlae.cli_config import build_parser, check_weights_fit, config_from_args, forced_config, resume_conflicts
 from pyro_vlae.presets import get_preset
-from pyro_vlae.train import build
+from pyro_vlae.training.checkpoint import CheckpointError
+from pyro_vlae.training.runs import build
 
 
 def parse(*argv):

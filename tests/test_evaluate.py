@@ -10,11 +10,13 @@ import zlib
 import pytest
 
 from pyro_vlae import evaluate as E
-from pyro_vlae import report as R
-from pyro_vlae.checkpoint import atomic_write_json
 from pyro_vlae.data import DatasetError, load_data
+from pyro_vlae.evaluation import pipeline as EP
+from pyro_vlae.evaluation import report as R
 from pyro_vlae.presets import get_preset
-from pyro_vlae.train import RunConfig, fit, write_config
+from pyro_vlae.training import RunConfig, fit
+from pyro_vlae.training.checkpoint import atomic_write_json
+from pyro_vlae.training.runs import write_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -106,7 +108,7 @@ def test_cli_report_has_numbers_and_figures(vlae_run):
 def test_evaluate_run_on_every_model_kind(kind, shared, capsys):
     run = shared["root"] / kind
     train_tiny(run, kind, shared["data"])
-    res = E.evaluate_run(
+    res = EP.evaluate_run(
         str(run), num_samples=4, max_images=32, device="cpu", batch_size=16, chunk_size=2, probe_images=64,
         classifier_cache=str(shared["cache"]), run_diagnostics=False,
     )  # fmt: skip
@@ -115,7 +117,7 @@ def test_evaluate_run_on_every_model_kind(kind, shared, capsys):
     assert list(res["latents"]) == sites
     if kind != "vae":  # the stacked HVAE: closed-form KL only for the top layer, whose prior is N(0, I)
         assert [res["latents"][s]["kl_method"] for s in sites] == ["monte-carlo", "monte-carlo", "analytic"]
-        assert res["settings"]["posterior_mean_draws"] == E.SEQUENTIAL_MEAN_SAMPLES
+        assert res["settings"]["posterior_mean_draws"] == EP.SEQUENTIAL_MEAN_SAMPLES
     assert "averages E[z_l | z_(l-1)]" in (run / "report.md").read_text() or kind == "vae"
     assert "diagnostics skipped" in capsys.readouterr().out
 
@@ -134,7 +136,7 @@ def test_missing_dataset_is_a_clear_error(vlae_run, monkeypatch, capsys):
     def missing(*args, **kwargs):
         raise DatasetError("mnist not found in data/: put the idx files in data/MNIST/raw/")
 
-    monkeypatch.setattr(E, "load_data", missing)
+    monkeypatch.setattr(EP, "load_data", missing)
     assert E.main([str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: mnist not found")

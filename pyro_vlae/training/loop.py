@@ -1,0 +1,316 @@
+"""The SVI training loop: ``data -> model/guide -> SVI -> checkpoint``, in small named steps.
+
+:func:`next_batch` reads a step's images, :func:`set_fade_in` sets the VLAE's ladder gains, :func:`train_step` takes
+one SVI step, :func:`check_loss` stops on a NaN, :class:`StepLog` writes one record to ``metrics.jsonl`` and
+:func:`save_run_checkpoint` writes ``checkpoints/latest.pt`` atomically.  :func:`fit` strings them together with
+deterministic data order (so a resumed run continues exactly) and SIGINT/SIGTERM handling.  Under torchrun the same
+loop trains data-parallel through :mod:`pyro_vlae.training.distributed`, with only rank 0 writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import SVI
+from pyro.infer.util import is_validation_enabled
+
+from . import distributed
+from .annealing import KLSchedule, ladder_gains
+from .checkpoint import set_rng_state
+from .progress import layer_kls, log_record, open_tensorboard, postfix
+from .runs import RunConfig, build, save_run_checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+def train_step(svi: SVI, x: torch.Tensor, kl_scale: float) -> float:
+    """One SVI step on the batch ``x``; returns the (KL-scaled) negative ELBO summed over the batch."""
+    return svi.step(x, kl_scale=kl_scale)
+
+
+@torch.no_grad()
+def evaluate_elbo(model, guide, batches, max_batches: int = 20) -> dict:
+    """Test ELBO per image (and per-layer KLs) over up to ``max_batches`` batches, in eval mode."""
+    was = model.training, guide.training
+    model.eval(), guide.eval()
+    totals, count = {}, 0
+    try:
+        for i, x in enumerate(batches):
+            if i >= max_batches:
+                break
+            kls = layer_kls(model, guide, x)
+            for k, v in kls.items():
+                totals[k] = totals.get(k, 0.0) + v * x.shape[0]
+            count += x.shape[0]
+    finally:
+        model.train(was[0]), guide.train(was[1])
+    if not count:
+        return {}
+    out = {k: v / count for k, v in totals.items()}
+    out["elbo"] = out["recon"] - sum(v for k, v in out.items() if k.startswith("z"))
+    out["num_images"] = count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deterministic data order.
+
+
+class BatchOrder:
+    """Batches drawn from a fresh seeded permutation each epoch, addressable by global step.
+
+    Step ``s`` always sees the same images for a given seed, so a resumed run reads the data a straight run would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({n} images)")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = None, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+def fetch_batch(dataset, idx: torch.Tensor, tensors=None) -> torch.Tensor:
+    """Images of ``dataset`` at ``idx``: tensor indexing when the data is in memory, item by item otherwise."""
+    if tensors is not None:
+        return tensors[0][idx]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stop signals and the result of a run.
+
+
+class _StopSignals:
+    """Turns Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends before killing a job) into a flag the loop
+    checks between steps, so the run ends with a checkpoint.  A second Ctrl-C interrupts at once; further SIGTERMs
+    are ignored, since schedulers and torchrun's agent often send one each.  The handlers stay installed until the
+    final checkpoint is written."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.raised = False
+        self.signum = 0
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.raised:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.raised, self.signum = True, signum
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    checkpoint: str
+    last_metrics: dict
+    seconds: float
+    stop_signal: int = 0  # the signal that interrupted the run (SIGINT or SIGTERM), 0 otherwise
+
+
+# Steps checked by Pyro's validation at each start or resume before it is switched off (see ``fit``).
+VALIDATED_STEPS = 10
+
+
+def _check_every_parameter_trains(optim, model, guide) -> None:
+    """After the first step: refuse to go on when a network parameter is not held by the optimiser (it would never
+    move; see :meth:`pyro_vlae.training.optim.FusedAdam.untrained`)."""
+    missed = optim.untrained([model, guide])
+    if missed:
+        raise ValueError(
+            f"{len(missed)} network parameter(s) are not held by the optimiser and would never train: "
+            f"{', '.join(missed[:5])}. Register every module with pyro.module or PyroModule, and keep the default "
+            "memory layout (Pyro's param store copies channels_last weights)."
+        )
+
+
+def is_finite(loss: float) -> bool:
+    return isinstance(loss, float) and math.isfinite(loss)
+
+
+def next_batch(bundle, order: BatchOrder, par, tensors, step: int, device, binarize: bool) -> torch.Tensor:
+    """The images of ``step`` (this rank's shard of the global batch), on ``device``; dynamically binarized (one
+    Bernoulli draw per pixel, the same on every rank count) when the likelihood is Bernoulli."""
+    x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
+    return par.bernoulli(x) if binarize else x
+
+
+def set_fade_in(model, config: RunConfig, step: int) -> None:
+    """Set the VLAE's ladder gains for ``step`` of the fade-in (nothing when the run has none)."""
+    if config.train.fade_in and hasattr(model, "ladder_gain"):
+        model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, config.train.fade_in)))
+
+
+def check_loss(loss, step: int, last_good: str | None) -> None:
+    """:raises TrainingDiverged: when ``loss``, the loss of step ``step + 1``, is NaN or infinite."""
+    if not is_finite(float(loss)):
+        raise TrainingDiverged(
+            f"the loss became {loss} at step {step + 1}; training stopped. The last good checkpoint is "
+            f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
+            "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
+        )
+
+
+def restore(resume: dict, model, guide, optim) -> int:
+    """Load a checkpoint dict into the model, guide, optimiser and RNGs; returns its step."""
+    model.load_state_dict(resume["model"])
+    guide.load_state_dict(resume["guide"])
+    optim.set_state(resume["optim"])
+    if "rng" in resume:
+        set_rng_state(resume["rng"])
+    return int(resume["step"])
+
+
+class StepLog:
+    """One record per logging step to ``metrics.jsonl`` (and TensorBoard when installed), with the images per
+    second since the previous record.  Only the lead rank writes; elsewhere :meth:`due` is always false."""
+
+    def __init__(self, metrics_file, writer, every: int, last_step: int, is_lead: bool):
+        self.metrics, self.writer, self.every = metrics_file, writer, every
+        self.last_step, self.is_lead = last_step, is_lead
+        self.t0 = self.window_t = time.time()
+        self.window_n = 0
+        self.last: dict = {}
+
+    def count(self, num_images: int) -> None:
+        self.window_n += num_images
+
+    def due(self, step: int) -> bool:
+        return self.is_lead and (step % self.every == 0 or step == self.last_step)
+
+    def write(self, model, guide, x, step: int, loss: float, kl_scale: float) -> dict:
+        now = time.time()
+        img_per_s = self.window_n / max(now - self.window_t, 1e-9)
+        self.last = log_record(model, guide, x, step, loss, kl_scale, img_per_s, now - self.t0)
+        self.window_t, self.window_n = now, 0
+        self.metrics.write(json.dumps(self.last) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for k, v in self.last.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(k, v, step)
+        return self.last
+
+
+def fit(
+    config: RunConfig,
+    bundle,
+    run_dir: str,
+    device,
+    *,
+    resume: dict | None = None,
+    progress: bool = True,
+    log=print,
+    validate_all: bool = False,
+) -> TrainResult:
+    """Train ``config`` on ``bundle`` in ``run_dir``; resume from a loaded checkpoint dict when given.
+
+    Pyro's validation (distribution arguments, supports, plate shapes) checks the first :data:`VALIDATED_STEPS`
+    steps of every start or resume and is then switched off for speed, as Pyro advises for a model that has
+    passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  A NaN loss is caught either way.
+
+    :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
+    """
+    from tqdm.auto import tqdm
+
+    tc = config.train
+    par = distributed.current(device)  # SingleProcess outside torchrun: every call below is then the identity
+    if par.is_lead:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    if resume is None:
+        pyro.set_rng_seed(config.seed)
+    model, guide, optim, svi = build(config, device)
+    ckpt_path = os.path.join(run_dir, "checkpoints", "latest.pt")
+    start = restore(resume, model, guide, optim) if resume is not None else 0
+    last_good = ckpt_path if resume is not None else None
+    model.train(), guide.train()
+    svi = par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
+    tensors = bundle.tensors("train")
+    order = BatchOrder(len(bundle.train), tc.batch_size * par.world_size, config.seed)  # the global batch
+    schedule = KLSchedule(tc.anneal)
+    binarize = config.model.likelihood == "bernoulli"
+    writer = open_tensorboard(run_dir, log) if par.is_lead else None
+    validation = is_validation_enabled()
+    step, interrupted = start, False
+    bar = tqdm(
+        total=tc.num_steps,
+        initial=start,
+        disable=not (progress and par.is_lead),
+        dynamic_ncols=True,
+        desc=config.model_kind,
+    )
+    with _StopSignals() as stop:  # kept until the final checkpoint is written
+        metrics_path = os.path.join(run_dir, "metrics.jsonl") if par.is_lead else os.devnull
+        with open(metrics_path, "a" if par.is_lead else "w") as metrics:
+            steplog = StepLog(metrics, writer, tc.log_every, tc.num_steps, par.is_lead)
+            try:
+                while step < tc.num_steps:
+                    x = next_batch(bundle, order, par, tensors, step, device, binarize)
+                    kl_scale = schedule(step)
+                    set_fade_in(model, config, step)
+                    with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
+                        loss = train_step(svi, x, kl_scale)
+                    check_loss(loss, step, last_good)
+                    step += 1
+                    if step == start + 1:
+                        _check_every_parameter_trains(optim, model, guide)
+                    steplog.count(x.shape[0] * par.world_size)
+                    bar.update(1)
+                    if steplog.due(step):
+                        # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
+                        bar.set_postfix(
+                            postfix(steplog.write(model, guide, x, step, loss / par.world_size, kl_scale)),
+                            refresh=False,
+                        )
+                    if par.any(stop.raised):
+                        interrupted = True
+                        break
+                    if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                        last_good = ckpt_path
+                        if par.is_lead:
+                            keep = bool(tc.keep_every) and step % tc.keep_every == 0
+                            save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+            finally:
+                bar.close()
+        if writer is not None:
+            writer.close()
+        path = save_run_checkpoint(run_dir, model, guide, optim, step, config) if par.is_lead else ckpt_path
+        if interrupted and par.is_lead:
+            log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
+        signum = 0
+        if interrupted:  # every rank reports the same signal (a rank may have been stopped by another's)
+            signum = signal.SIGTERM if par.any(stop.signum == signal.SIGTERM) else signal.SIGINT
+    model.eval(), guide.eval()
+    return TrainResult(step, interrupted, path, steplog.last, time.time() - steplog.t0, int(signum))

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..training.checkpoint import read_json_dict
+
 __all__ = [
     "SmallCNN", "accuracy", "class_change_rate", "data_fingerprint", "extract_features", "frechet_distance",
     "get_classifier", "predict", "train_classifier",
@@ -304,16 +306,6 @@ def _write_json(path: str, obj: dict, log: Callable[[str], object]) -> None:
     _atomic_write(path, write, log)
 
 
-def _read_json(path: str) -> dict:
-    """The JSON object stored at ``path``, or ``{}`` if it is missing or unreadable."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
 def _load_weights(path: str, clf: SmallCNN) -> None:
     """Load a state dict into ``clf``; raises on anything wrong. ``clf`` must be discarded if this raises."""
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -392,7 +384,7 @@ def get_classifier(
     test_accuracy = None
     if x_test is not None:
         test_fp = data_fingerprint(x_test, y_test)
-        meta = _read_json(meta_path) if cached else {}
+        meta = read_json_dict(meta_path) if cached else {}
         if meta.get("test_fingerprint") == test_fp and isinstance(meta.get("test_accuracy"), float):
             test_accuracy = meta["test_accuracy"]
         else:

@@ -22,6 +22,7 @@ setup(
         "torch>=2.1",
         "torchvision>=0.16",
         "numpy>=1.22",
+        "scikit-learn>=1.5",
         "arviz>=0.15",
         "matplotlib>=3.5",
         "tqdm>=4.60",

@@ -4,8 +4,9 @@
   means, active units and linear probes;
 * :mod:`~pyro_vlae.evaluation.classifier`: the cached digit classifier, its features, the Fréchet distance and the
   class-change rate;
-* :mod:`~pyro_vlae.evaluation.disentangle` (with :mod:`~pyro_vlae.evaluation.estimators`): MIG, SAP and DCI against
-  ground-truth factors;
+* :mod:`~pyro_vlae.evaluation.disentangle` (with :mod:`~pyro_vlae.evaluation.estimators` and
+  :mod:`~pyro_vlae.evaluation.predictors`): MIG, SAP and DCI against ground-truth factors, as disentanglement_lib
+  defines them;
 * :mod:`~pyro_vlae.evaluation.diagnostics`: per-layer interventions and Gibbs chains, summarised with ArviZ;
 * :mod:`~pyro_vlae.evaluation.report`: ``report.md`` from ``eval.json``;
 * :mod:`~pyro_vlae.evaluation.pipeline`: :func:`evaluate_run`, all of the above on a run folder (the body of

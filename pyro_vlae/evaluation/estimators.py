@@ -1,5 +1,6 @@
-"""Numerical building blocks of :mod:`.disentangle`: input checks, binning, plug-in mutual information,
-closed-form LDA and 1-D nearest-class-mean scores. Everything is numpy and deterministic given the seed.
+"""Numerical building blocks of :mod:`.disentangle`: input checks, the train/test split, layer groups, binning,
+plug-in entropy and mutual information, and the result dicts of MIG, MIG-sup and SAP built from their matrices (the
+classifiers are in :mod:`.predictors`). Everything is numpy and deterministic given the seed.
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def entropy(p: np.ndarray) -> float:
     return float(-np.sum(p * np.log(p)))
 
 
-def normalized_entropy(weights: np.ndarray) -> float:
-    """Entropy of ``weights / sum(weights)`` in base ``len(weights)`` (0 for a single entry)."""
-    weights = np.asarray(weights, dtype=np.float64)
+def normalized_entropy(weights: np.ndarray, eps: float = 0.0) -> float:
+    """Entropy of ``(weights + eps) / sum(weights + eps)`` in base ``len(weights)`` (0 for a single entry)."""
+    weights = np.asarray(weights, dtype=np.float64) + eps
     if weights.size < 2:
         return 0.0
     return entropy(weights / weights.sum()) / np.log(weights.size)
@@ -122,7 +123,9 @@ def top2_gap(values: np.ndarray) -> float:
 def discretize(x: np.ndarray, num_bins: int, binning: str = "equal_width") -> np.ndarray:
     """Bin each column of ``x`` into ``0..num_bins-1``.
 
-    ``equal_width``: ``floor(num_bins (x - min) / (max - min))`` clipped to the last bin (a constant column is bin 0).
+    ``equal_width``: the bin of ``numpy.histogram(x, num_bins)`` over ``[min, max]`` (the last bin closed), found with
+    ``numpy.digitize`` against the left edges, as disentanglement_lib's ``_histogram_discretize``; a constant column
+    falls into one bin.
     ``quantile``: the number of the ``num_bins - 1`` empirical quantiles (``method="inverted_cdf"``, i.e. data
     points) strictly below ``x``; equal values share a bin.
 
@@ -132,10 +135,11 @@ def discretize(x: np.ndarray, num_bins: int, binning: str = "equal_width") -> np
         raise ValueError(f"num_bins must be an integer >= 2; got {num_bins!r}")
     if binning not in BINNINGS:
         raise ValueError(f"binning must be one of {BINNINGS}; got {binning!r}")
-    if binning == "equal_width":
-        lo, hi = x.min(axis=0), x.max(axis=0)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        return np.clip(np.floor((x - lo) / span * num_bins), 0, num_bins - 1).astype(np.int64)
+    if binning == "equal_width":  # disentanglement_lib's histogram_discretizer, shifted to start at bin 0
+        out = np.empty(x.shape, dtype=np.int64)
+        for j in range(x.shape[1]):
+            out[:, j] = np.digitize(x[:, j], np.histogram(x[:, j], num_bins)[1][:-1]) - 1
+        return out
     qs = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
     out = np.empty(x.shape, dtype=np.int64)
     for j in range(x.shape[1]):
@@ -159,67 +163,6 @@ def mutual_info_matrix(x: np.ndarray, y: np.ndarray, cards, num_bins: int, binni
             nz = joint > 0
             mi[j, k] = max(0.0, float(np.sum(joint[nz] * np.log(joint[nz] / (pb @ pv)[nz]))))
     return mi
-
-
-def class_means(x: np.ndarray, inv: np.ndarray, n_classes: int) -> tuple:
-    """Per-class means of the rows of ``x`` for labels ``inv`` in ``0..n_classes-1``, each present at least once.
-
-    Sums with :func:`numpy.add.reduceat` over rows sorted by label rather than a one-hot matrix product: a skinny
-    transposed BLAS product can be hundreds of times slower when the BLAS threads compete for busy cores.
-
-    :return: ``(means, counts)`` of shapes ``(n_classes, D)`` and ``(n_classes,)``.
-    """
-    counts = np.bincount(inv, minlength=n_classes)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    sums = np.add.reduceat(x[np.argsort(inv, kind="stable")], starts, axis=0)
-    return sums / counts[:, None], counts.astype(np.float64)
-
-
-def lda_fit_predict(z_tr: np.ndarray, y_tr: np.ndarray, z_te: np.ndarray, ridge: float) -> tuple:
-    """Linear discriminant analysis with a shared, ridge-regularised covariance, fitted in closed form.
-
-    :param z_tr: standardised training codes ``(n, D)``.
-    :param y_tr: training labels ``(n,)``.
-    :param z_te: test codes ``(m, D)``.
-    :param ridge: positive value added to the diagonal of the pooled within-class covariance.
-    :return: ``(pred, weights)``: predicted labels ``(m,)`` and the class weights ``(P, D)`` of the ``P`` classes
-        present in ``y_tr``.
-    """
-    if not isinstance(ridge, numbers.Real) or not float(ridge) > 0:
-        raise ValueError(f"ridge must be a positive number; got {ridge!r}")
-    classes, inv = np.unique(y_tr, return_inverse=True)
-    n, d = z_tr.shape
-    means, counts = class_means(z_tr, inv, len(classes))
-    resid = z_tr - means[inv]
-    cov = resid.T @ resid / max(n - len(classes), 1) + float(ridge) * np.eye(d)
-    weights = np.linalg.solve(cov, means.T).T
-    bias = -0.5 * np.sum(weights * means, axis=1) + np.log(counts / n)
-    return classes[np.argmax(z_te @ weights.T + bias, axis=1)], weights
-
-
-def sap_score_matrices(x_tr, y_tr, x_te, y_te, cards) -> tuple:
-    """Balanced test accuracy of a 1-D nearest-class-mean classifier for every (code dim, factor) pair.
-
-    :return: ``(adjusted, raw)``, float arrays ``(D, K)``: ``adjusted = (raw - 1/C) / (1 - 1/C)`` with ``C`` the
-        number of classes present in the test rows; a column is NaN where the factor has fewer than 2 test classes.
-    """
-    n_dims, n_factors = x_tr.shape[1], y_tr.shape[1]
-    raw = np.full((n_dims, n_factors), np.nan)
-    adj = np.full((n_dims, n_factors), np.nan)
-    for k in range(n_factors):
-        test_classes, test_inv = np.unique(y_te[:, k], return_inverse=True)
-        if cards[k] < 2 or len(test_classes) < 2:
-            continue
-        classes, inv = np.unique(y_tr[:, k], return_inverse=True)
-        means = class_means(x_tr, inv, len(classes))[0]
-        test_counts = np.bincount(test_inv)
-        for j in range(n_dims):
-            pred = classes[np.argmin(np.abs(x_te[:, j, None] - means[None, :, j]), axis=1)]
-            recall = np.bincount(test_inv, weights=pred == y_te[:, k], minlength=len(test_classes)) / test_counts
-            raw[j, k] = recall.mean()
-        chance = 1.0 / len(test_classes)
-        adj[:, k] = (raw[:, k] - chance) / (1.0 - chance)
-    return adj, raw
 
 
 def parse_groups(groups, n_dims: int) -> list:
@@ -256,3 +199,54 @@ def parse_groups(groups, n_dims: int) -> list:
     if not out:
         raise ValueError("groups is empty; pass None to skip the per-layer evaluation")
     return out
+
+
+def none_if_nan(values) -> list:
+    """Floats, with ``None`` for NaN or missing entries (JSON has no NaN)."""
+    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
+
+
+def nanmean(values) -> float:
+    """Mean of the finite entries; 0 when there are none."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else 0.0
+
+
+def mig_result(mi: np.ndarray, h: np.ndarray) -> dict:
+    """MIG from an MI matrix ``(D, K)`` and factor entropies ``(K,)`` (0 for constant factors)."""
+    per_factor = [top2_gap(mi[:, k]) / h[k] if h[k] > 0 else np.nan for k in range(mi.shape[1])]
+    return {"mig": nanmean(per_factor), "per_factor": none_if_nan(per_factor), "mi_matrix": mi.tolist()}
+
+
+def normalized_mi(mi: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``I(c_j; v_k) / H(v_k)`` clipped to ``[0, 1]`` against rounding; 0 for constant factors."""
+    return np.clip(np.where(h > 0, mi / np.where(h > 0, h, 1.0), 0.0), 0.0, 1.0)
+
+
+def mig_sup_result(mi: np.ndarray, h: np.ndarray, active_threshold: float) -> dict:
+    """MIG-sup from an MI matrix ``(D, K)`` and factor entropies ``(K,)``."""
+    nmi = normalized_mi(mi, h)
+    per_dim = np.array([top2_gap(row) for row in nmi[:, h > 0]])
+    active = nmi.max(axis=1) > active_threshold
+    return {
+        "mig_sup": float(per_dim.mean()),
+        "mig_sup_active": float(per_dim[active].mean()) if active.any() else None,
+        "per_dim": per_dim.tolist(),
+        "active_dims": np.flatnonzero(active).tolist(),
+        "normalized_mi_matrix": nmi.tolist(),
+    }
+
+
+def factor_entropies(y: np.ndarray) -> np.ndarray:
+    """Plug-in entropy in nats of each factor column of ``y`` (0 for a constant factor)."""
+    return np.array([entropy(np.bincount(y[:, k]) / len(y)) for k in range(y.shape[1])])
+
+
+def sap_result(scores: np.ndarray) -> dict:
+    """SAP from a score matrix ``(D, K)``: the mean over factors of the gap between the two best dims."""
+    per_factor = [top2_gap(col) if np.all(np.isfinite(col)) else np.nan for col in scores.T]
+    return {
+        "sap": nanmean(per_factor),
+        "per_factor": none_if_nan(per_factor),
+        "score_matrix": [none_if_nan(row) for row in scores],
+    }

@@ -149,7 +149,11 @@ def classifier_blocks(model, bundle, x_eval, y_eval, codes, train_codes, y_train
 
 
 def disentanglement_block(model, guide, bundle, max_items, batch_size, device, log) -> dict:
-    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` sprites test items."""
+    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` sprites test items.
+
+    DCI fits disentanglement_lib's gradient-boosted trees, one tree per factor value and boosting stage, on all codes
+    and again on each layer: minutes on a CPU for the sprites factors.
+    """
     from .disentangle import evaluate_all
 
     x, factors = _split_data(bundle, "test", max_items)
@@ -159,6 +163,7 @@ def disentanglement_block(model, guide, bundle, max_items, batch_size, device, l
         groups.append((site, slice(start, start + c.shape[1])))
         start += c.shape[1]
     flat = torch.cat(list(codes.values()), 1).numpy()
+    log(f"disentanglement: fitting SAP's and DCI's classifiers on {x.shape[0]} items (DCI's trees take minutes)")
     res = evaluate_all(flat, factors.numpy(), groups=groups, factor_names=bundle.factor_names)
     log(
         f"disentanglement on {x.shape[0]} items: "

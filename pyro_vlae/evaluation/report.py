@@ -287,7 +287,10 @@ def _disentanglement_section(dis) -> list:
         rows = [[layer] + list(a["mi_mass"][i]) for i, layer in enumerate(a["layers"])]
         rows.append(["assigned layer"] + [a["assigned_layer"].get(f, "-") for f in a["factors"]])
         lines += _table(["layer"] + list(a["factors"]), rows)
-    lines.append(f"{dis.get('n_samples')} test items; MIG, MIG-sup, DCI and SAP from `pyro_vlae.evaluation`.")
+    lines.append(
+        f"{dis.get('n_samples')} test items; MIG, SAP and DCI as defined in disentanglement_lib (DCI from "
+        "gradient-boosted trees, SAP from a linear SVM on each code dim; see `pyro_vlae.evaluation.disentangle`)."
+    )
     return lines + [""]
 
 

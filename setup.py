@@ -11,7 +11,15 @@ setup(
     version="0.1.0",
     description="Variational Ladder Autoencoders and stacked hierarchical VAEs in Pyro (Zhao, Song & Ermon 2017)",
     python_requires=">=3.9",
-    packages=["pyro_vlae", "pyro_vlae.models", "pyro_vlae.guides"],
+    packages=[
+        "pyro_vlae",
+        "pyro_vlae.data",
+        "pyro_vlae.training",
+        "pyro_vlae.experiments",
+        "pyro_vlae.evaluation",
+        "pyro_vlae.models",
+        "pyro_vlae.guides",
+    ],
     package_dir={
         "pyro_vlae": "pyro_vlae",
         "pyro_vlae.models": "models",

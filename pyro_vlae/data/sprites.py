@@ -7,8 +7,8 @@ x and y position, 32 values each: 737,280 images in all, each a pure function of
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+from .grid import FactorGridDataset
 
 SPRITES_FACTORS = ("shape", "scale", "orientation", "pos_x", "pos_y")
 SPRITES_SIZES = (3, 6, 40, 32, 32)
@@ -54,30 +54,15 @@ def render_sprites(factors, size: int = 64) -> np.ndarray:
     return img.astype(np.float32)[:, None]
 
 
-class SpritesDataset(Dataset):
+class SpritesDataset(FactorGridDataset):
     """Sprites rendered on access: item ``i`` is ``(x, factor_indices)`` of flat grid index ``indices[i]``.
 
     :param indices: flat row-major indices into the factor grid of sizes :data:`SPRITES_SIZES`.
     :param size: image height and width.
     """
 
-    def __init__(self, indices, size: int = 64):
-        self.indices, self.size = np.asarray(indices, dtype=np.int64), int(size)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def factors(self, items=None) -> np.ndarray:
-        """Factor indices ``(N, 5)`` of the given items (all by default)."""
-        flat = self.indices if items is None else self.indices[np.asarray(items)]
-        return np.stack(np.unravel_index(flat, SPRITES_SIZES), axis=-1).astype(np.int64)
-
-    def __getitems__(self, items) -> list:
-        f = self.factors(items)
-        return list(zip(torch.from_numpy(render_sprites(f, self.size)), torch.from_numpy(f)))
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])[0]
+    factor_sizes = SPRITES_SIZES
+    render = staticmethod(render_sprites)
 
 
 __all__ = [

@@ -1,0 +1,46 @@
+"""Datasets of images rendered on access from a full grid of ground-truth factors (sprites, shapes3d)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class FactorGridDataset(Dataset):
+    """Images rendered on access: item ``i`` is ``(x, factor_indices)`` of flat grid index ``indices[i]``.
+
+    Subclasses set :attr:`factor_sizes`, the grid, and :meth:`render`, which maps integer factor indices ``(N, K)``
+    and an image size to float32 images ``(N, C, size, size)``. A batch from a :class:`~torch.utils.data.DataLoader`
+    is rendered in one call (``__getitems__``).
+
+    :param indices: flat row-major indices into the factor grid of sizes :attr:`factor_sizes`.
+    :param size: image height and width.
+    """
+
+    factor_sizes: tuple = ()
+
+    def __init__(self, indices, size: int = 64):
+        self.indices, self.size = np.asarray(indices, dtype=np.int64), int(size)
+
+    @staticmethod
+    def render(factors, size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def factors(self, items=None) -> np.ndarray:
+        """Factor indices ``(N, K)`` of the given items (all by default)."""
+        flat = self.indices if items is None else self.indices[np.asarray(items)]
+        return np.stack(np.unravel_index(flat, self.factor_sizes), axis=-1).astype(np.int64)
+
+    def __getitems__(self, items) -> list:
+        f = self.factors(items)
+        return list(zip(torch.from_numpy(self.render(f, self.size)), torch.from_numpy(f)))
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+
+__all__ = ["FactorGridDataset"]

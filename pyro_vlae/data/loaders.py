@@ -16,6 +16,9 @@
   indices. A random permutation of the 737,280-item grid drawn from ``seed`` puts 10,000 items in the test split
   and the rest in the training split. As in dSprites, orientations 0 and 2*pi render the same image; at
   ``sprites_size=32`` neighbouring factor values can render the same image.
+* ``shapes3d``: 3D Shapes-style colour scenes (floor, wall, one shaded object) rendered per item from the flat factor
+  index at ``shapes3d_size``; ``y`` holds the six factor indices. A random permutation of the 480,000-item grid drawn
+  from ``seed`` puts 10,000 items in the test split and the rest in the training split.
 * ``synthetic``: 1x16x16 bars (10 classes, 512 train / 128 test) generated from ``seed``.
 
 Every data problem raises :class:`DatasetError` naming the problem, the file and the fix. MNIST-family, SVHN and
@@ -33,21 +36,27 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .common import DatasetError
 from .mnist import _load_mnist_family
+from .shapes3d import SHAPES3D_FACTORS, SHAPES3D_SIZES, Shapes3DDataset
 from .sprites import SPRITES_FACTORS, SPRITES_SIZES, SpritesDataset
 
-DATASETS = ("mnist", "fashion-mnist", "svhn", "celeba", "sprites", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "svhn", "celeba", "sprites", "shapes3d", "synthetic")
 SPRITES_TEST_SIZE = 10_000
+SHAPES3D_TEST_SIZE = 10_000
+_GRIDS = {  # procedural datasets: item class, factor names, factor sizes, test-split size
+    "sprites": (SpritesDataset, SPRITES_FACTORS, SPRITES_SIZES, SPRITES_TEST_SIZE),
+    "shapes3d": (Shapes3DDataset, SHAPES3D_FACTORS, SHAPES3D_SIZES, SHAPES3D_TEST_SIZE),
+}
 
 
 @dataclass
 class DataBundle:
     """Datasets, loaders and metadata of one dataset; items are ``(x, y)`` with ``x`` float32 ``(C, H, W)``.
 
-    ``y`` is a class index (mnist, fashion-mnist, svhn, synthetic), the five factor indices (sprites) or the 40
-    attributes as 0/1 (celeba). ``factor_names``/``factor_sizes`` describe sprites' factors and celeba's attributes
-    (each of size 2), else ``None``; ``num_classes`` is 10 for labelled datasets, else ``None``. The training loader
-    shuffles (seeded) and drops the last incomplete batch; the test loader keeps the order. ``source`` says where the
-    data came from.
+    ``y`` is a class index (mnist, fashion-mnist, svhn, synthetic), the five or six factor indices (sprites,
+    shapes3d) or the 40 attributes as 0/1 (celeba). ``factor_names``/``factor_sizes`` describe the factors of sprites
+    and shapes3d and celeba's attributes (each of size 2), else ``None``; ``num_classes`` is 10 for labelled
+    datasets, else ``None``. The training loader shuffles (seeded) and drops the last incomplete batch; the test loader
+    keeps the order. ``source`` says where the data came from.
     """
 
     name: str
@@ -104,34 +113,38 @@ def load_data(
     sprites_size: int = 64,
     svhn_extra: bool = False,
     celeba_size: int = 64,
+    shapes3d_size: int = 64,
 ) -> DataBundle:
     """Load a dataset as a :class:`DataBundle`.
 
     :param name: one of :data:`DATASETS`.
     :param data_dir: folder holding the datasets in torchvision's layouts.
     :param batch_size: loader batch size; the training loader drops the last incomplete batch.
-    :param seed: seeds the training loader's shuffling, the sprites split and the synthetic data.
+    :param seed: seeds the training loader's shuffling, the sprites and shapes3d splits and the synthetic data.
     :param num_workers: loader worker processes.
     :param download: let torchvision download a dataset found nowhere else.
     :param sprites_size: sprites image size (64 as in dSprites; 32 for CPU runs).
     :param svhn_extra: add SVHN's ``extra`` split to the training set.
     :param celeba_size: CelebA image size after the 148x148 center crop.
+    :param shapes3d_size: shapes3d image size (64 as in 3D Shapes; 32 for CPU runs).
     :raises DatasetError: unknown name, bad option, or missing, corrupt or malformed data.
     """
     key = str(name).lower().replace("_", "-")
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASETS)}")
-    for opt, val in {"batch_size": batch_size, "sprites_size": sprites_size, "celeba_size": celeba_size}.items():
+    sizes = {"sprites_size": sprites_size, "celeba_size": celeba_size, "shapes3d_size": shapes3d_size}
+    for opt, val in {"batch_size": batch_size, **sizes}.items():
         lo = 1 if opt == "batch_size" else 8
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             raise DatasetError(f"{opt} must be an integer >= {lo}, got {val!r}")
     root, meta = Path(data_dir), {"num_classes": 10, "factor_names": None, "factor_sizes": None}
-    if key == "sprites":
-        perm = np.random.default_rng(seed).permutation(int(np.prod(SPRITES_SIZES)))
-        train = SpritesDataset(perm[SPRITES_TEST_SIZE:], sprites_size)
-        test = SpritesDataset(perm[:SPRITES_TEST_SIZE], sprites_size)
-        source = f"procedural sprites split by seed {seed}"
-        meta = {"num_classes": None, "factor_names": SPRITES_FACTORS, "factor_sizes": SPRITES_SIZES}
+    if key in _GRIDS:
+        cls, names, factor_sizes, test_size = _GRIDS[key]
+        size = sizes[f"{key}_size"]
+        perm = np.random.default_rng(seed).permutation(int(np.prod(factor_sizes)))
+        train, test = cls(perm[test_size:], size), cls(perm[:test_size], size)
+        source = f"procedural {key} split by seed {seed}"
+        meta = {"num_classes": None, "factor_names": names, "factor_sizes": factor_sizes}
     elif key == "celeba":
         from .colour import load_celeba
 

@@ -158,6 +158,15 @@ register(
         likelihood="bernoulli",
     )
 )
+_SHAPES3D = "procedural 3D Shapes-style scenes at"
+for _src, _name, _desc in (
+    ("sprites", "shapes3d", f"{_SHAPES3D} 64x64: conv 32-64-128-256, dense 512, 3 x 2-d codes, Laplace b = 1/8"),
+    ("sprites-32", "shapes3d-32", f"{_SHAPES3D} 32x32 for CPU runs: conv 32-64-128, dense 256, 3 x 2-d codes, Laplace"),
+):  # the sprites networks and schedules, on 3 channels with SVHN's Laplace likelihood (b = 1/8)
+    _m = PRESETS[_src].model
+    _m = dataclasses.replace(_m, name=_name, image_shape=(3, *_m.image_shape[1:]))
+    _m = dataclasses.replace(_m, likelihood="laplace", obs_scale=1 / 8)
+    register(Preset(_name, _m, dataclasses.replace(PRESETS[_src].train), _desc))
 register(
     _preset(
         "tiny",
@@ -179,6 +188,7 @@ DEFAULT_PRESETS = {
     "svhn": ("svhn", "svhn"),
     "celeba": ("celeba", "celeba"),
     "sprites": ("sprites-32", "sprites"),
+    "shapes3d": ("shapes3d-32", "shapes3d"),
     "synthetic": ("tiny", "tiny"),
 }
 

@@ -38,7 +38,15 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def _data(config: RunConfig, args):
     size = getattr(args, "sprites_size", None) or (config.model.image_shape[-1] if config.dataset == "sprites" else 64)
-    return load_data(config.dataset, config.data_dir, config.train.batch_size, seed=config.seed, sprites_size=size)
+    shapes3d_size = config.model.image_shape[-1] if config.dataset == "shapes3d" else 64
+    return load_data(
+        config.dataset,
+        config.data_dir,
+        config.train.batch_size,
+        seed=config.seed,
+        sprites_size=size,
+        shapes3d_size=shapes3d_size,
+    )
 
 
 def _test_images(bundle, n=64):
@@ -72,6 +80,7 @@ def visualize(run_dir: str, device="cpu", log=print) -> list:
         16,
         seed=config.seed,
         sprites_size=config.model.image_shape[-1] if config.dataset == "sprites" else 64,
+        shapes3d_size=config.model.image_shape[-1] if config.dataset == "shapes3d" else 64,
     )
     return write_figures(run_dir, model, guide, config, _test_images(bundle).to(device), log=log)
 
@@ -121,6 +130,7 @@ def main(argv=None) -> int:
                 sprites_size=args.sprites_size or P.get_preset(preset_name).model.image_shape[-1]
                 if args.dataset == "sprites"
                 else 64,
+                shapes3d_size=P.get_preset(preset_name).model.image_shape[-1] if args.dataset == "shapes3d" else 64,
             )
             config = config_from_args(args, bundle_probe.image_shape, cuda)
             if args.epochs:

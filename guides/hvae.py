@@ -8,7 +8,14 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+from pyro_vlae.nets import (
+    ConvEncoder,
+    GaussianHead,
+    ModelConfig,
+    batch_size_of,
+    check_kl_scale,
+    gaussian_conditional,
+)
 
 
 class MarkovHVAEGuide(PyroModule):
@@ -18,6 +25,10 @@ class MarkovHVAEGuide(PyroModule):
     two-layer dense net with a linear mean and a sigmoid standard deviation.  It serves both the Markov and the
     autoregressive HVAE (the guide family is free; Propositions 1 and 2 hold for any ``q``).
 
+    For vector data ``(D,)``, ``q(z_1|x)`` is a dense net (``fc_layers``) and a Gaussian head.  With
+    ``conditionals="affine"`` every ``q(z_\ell | z_{\ell-1})`` is ``N(W z_{\ell-1} + b, diag(s_\ell)^2)``, and so is
+    ``q(z_1|x)`` for vectors: the exact posteriors of a linear-Gaussian Markov model with diagonal posteriors.
+
     :param config: the architecture; must be the one the model was built with.
     :param name: Pyro name prefix of the parameters.
     """
@@ -25,21 +36,20 @@ class MarkovHVAEGuide(PyroModule):
     def __init__(self, config: ModelConfig, name: str = "guide"):
         super().__init__(name)
         self.config = config
-        c, H = config, config.hidden
-        conv = ConvEncoder(c.image_shape, c.channels, c.batch_norm, "lrelu")
-        first = nn.Sequential(conv, GaussianHead(conv.out_dim, c.latent_dims[0]))
-        rest = [
-            nn.Sequential(
-                MLP(c.latent_dims[l - 1], H, c.fc_layers, None, c.batch_norm), GaussianHead(H, c.latent_dims[l])
-            )
-            for l in range(1, c.num_layers)
-        ]
+        c = config
+        if c.is_vector:
+            first = gaussian_conditional(c.image_shape[0], c.latent_dims[0], c)
+        else:
+            conv = ConvEncoder(c.image_shape, c.channels, c.batch_norm, "lrelu")
+            first = nn.Sequential(conv, GaussianHead(conv.out_dim, c.latent_dims[0]))
+        rest = [gaussian_conditional(c.latent_dims[l - 1], c.latent_dims[l], c) for l in range(1, c.num_layers)]
         self.conditionals = nn.ModuleList([first] + rest)
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
         """Sample ``z_1 ~ q(z_1|x)``, then each ``z_l ~ q(z_l | z_{l-1})``.  Returns the sampled codes."""
         if x is None:
-            raise ValueError(f"{type(self).__name__} needs data: call guide(x) with a batch of images (N, C, H, W)")
+            shape = ", ".join(map(str, ("N", *self.config.image_shape)))
+            raise ValueError(f"{type(self).__name__} needs data: call guide(x) with a batch of shape ({shape})")
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, self.config.image_shape, type(self).__name__)
         zs, h = [], x

@@ -9,7 +9,14 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vlae.nets import MLP, DeconvDecoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+from pyro_vlae.nets import (
+    DeconvDecoder,
+    ModelConfig,
+    batch_size_of,
+    check_kl_scale,
+    dense_decoder,
+    gaussian_conditional,
+)
 
 from .likelihood import Likelihood
 
@@ -26,6 +33,9 @@ class MarkovHVAEModel(PyroModule):
         x \sim r(x; f_0(z_1))
 
     with ``f_\ell`` a two-layer dense net (``fc_layers``) and ``f_0`` a dense map plus transposed convolutions.
+    For vector data ``(D,)`` the decoder ``f_0`` is dense only; with ``conditionals="affine"`` every
+    ``p(z_\ell | z_{\ell+1})`` is ``N(W z_{\ell+1} + b, diag(s_\ell)^2)`` and, for vectors, ``f_0`` is affine too, so a
+    ``gaussian-learned`` likelihood gives exactly the linear-Gaussian Markov models.
     Every conditional is a plain ``Normal(loc, scale)``, so ``poutine.reparam`` with ``LocScaleReparam(0)`` exposes
     each layer's noise ``eps_l`` as a site ``z{l}_decentered`` (used for the Fig. 3 interventions).
 
@@ -39,15 +49,16 @@ class MarkovHVAEModel(PyroModule):
     def __init__(self, config: ModelConfig, name: str = "model"):
         super().__init__(name)
         self.config = config
-        c, L, H = config, config.num_layers, config.hidden
+        c, L = config, config.num_layers
         nets = []
         for l in range(1, L):  # conditional for z_l, l = 1 .. L-1
             in_dim = sum(c.latent_dims[l:]) if self.autoregressive else c.latent_dims[l]
-            nets.append(
-                nn.Sequential(MLP(in_dim, H, c.fc_layers, None, c.batch_norm), GaussianHead(H, c.latent_dims[l - 1]))
-            )
+            nets.append(gaussian_conditional(in_dim, c.latent_dims[l - 1], c))
         self.conditionals = nn.ModuleList(nets)
-        self.decoder = DeconvDecoder(c.latent_dims[0], c.image_shape, c.channels, c.batch_norm, "relu")
+        if c.is_vector:
+            self.decoder = dense_decoder(c.latent_dims[0], c)
+        else:
+            self.decoder = DeconvDecoder(c.latent_dims[0], c.image_shape, c.channels, c.batch_norm, "relu")
         self.likelihood = Likelihood(c.likelihood, c.image_shape, c.obs_scale, c.value_range)
 
     @property
@@ -55,13 +66,13 @@ class MarkovHVAEModel(PyroModule):
         return [f"z{l}" for l in range(1, self.config.num_layers + 1)]
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        """Ancestral sampling ``z_L -> ... -> z_1 -> x``; observes ``x`` when given.  Returns the mean image."""
+        """Ancestral sampling ``z_L -> ... -> z_1 -> x``; observes ``x`` when given.  Returns the mean of ``x``."""
         c = self.config
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, type(self).__name__)
         # Each access to a child module re-registers its parameters with Pyro: look each one up once.
         decoder, conditionals, likelihood = self.decoder, self.conditionals, self.likelihood
-        ref = decoder.fc[0].weight
+        ref = next(decoder.parameters())
         zs = [None] * c.num_layers
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):

@@ -10,28 +10,34 @@ from pyro_vlae.nets import squash
 
 
 class Likelihood(nn.Module):
-    """Turns raw decoder outputs into an image distribution with event shape ``(C, H, W)``.
+    """Turns raw decoder outputs into a distribution with event shape ``image_shape``: ``(C, H, W)`` or ``(D,)``.
 
     * ``gaussian``: ``N(mean, obs_scale^2)`` with fixed variance (the paper).
     * ``laplace``: ``Laplace(mean, b)`` with ``b = obs_scale = 1 / loss_ratio``.  Its log density is
       ``-loss_ratio * |x - mean| - log(2 b)`` per pixel, i.e. the reference code's L1 loss up to a constant.
     * ``bernoulli``: ``Bernoulli(logits=raw)`` for binarized data in {0, 1}.
-    * ``gaussian-learned``: ``N(mean, s_c^2)`` with one learned standard deviation per channel.
+    * ``gaussian-learned``: ``N(mean, s_c^2)`` with one learned standard deviation per channel (per dimension for
+      vector data).
+
+    The mean is ``squash(raw, value_range)``, or ``raw`` itself when ``value_range`` is ``None`` (real-valued data).
     """
 
     def __init__(self, kind, image_shape, obs_scale, value_range):
         super().__init__()
         self.kind = kind
         self.obs_scale = float(obs_scale)
-        self.value_range = tuple(value_range)
+        self.value_range = None if value_range is None else tuple(value_range)
+        self.event_dim = len(image_shape)
         if kind == "gaussian-learned":
             init = torch.log(torch.expm1(torch.tensor(self.obs_scale)))
-            self.raw_scale = nn.Parameter(init.expand(image_shape[0], 1, 1).clone())
+            self.raw_scale = nn.Parameter(init.expand(image_shape[0], *(1,) * (self.event_dim - 1)).clone())
 
     def mean(self, raw: torch.Tensor) -> torch.Tensor:
         """The image the likelihood is centred on (probabilities for Bernoulli)."""
         if self.kind == "bernoulli":
             return torch.sigmoid(raw)
+        if self.value_range is None:
+            return raw
         return squash(raw, self.value_range)
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
@@ -44,4 +50,4 @@ class Likelihood(nn.Module):
         else:
             scale = torch.nn.functional.softplus(self.raw_scale) + 1e-3
             d = dist.Normal(self.mean(raw), scale.expand_as(raw))
-        return d.to_event(3)
+        return d.to_event(self.event_dim)

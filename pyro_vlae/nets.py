@@ -23,7 +23,9 @@ class ModelConfig:
     """Architecture of one model/guide pair.  Serialised as the ``model`` block of ``config.json``.
 
     :param name: preset name this config came from.
-    :param image_shape: ``(C, H, W)`` of the data; ``H`` and ``W`` must be divisible by ``2 ** len(channels)``.
+    :param image_shape: ``(C, H, W)`` of image data, with ``H`` and ``W`` divisible by ``2 ** len(channels)``; or
+        ``(D,)`` for vector data, which the stacked HVAEs encode and decode with dense layers only (``channels`` is
+        then unused).
     :param latent_dims: sizes of ``z1 .. zL`` (``z1`` the bottom layer).
     :param channels: output channels of the stride-2 convolutions, bottom to top.
     :param hidden: width of every dense layer.
@@ -32,8 +34,13 @@ class ModelConfig:
     :param noise_injection: ``"concat"`` (Eq. 11) or ``"gated_add"`` (reference code) for VLAE ladder inputs.
     :param likelihood: ``"gaussian"``, ``"laplace"``, ``"bernoulli"`` or ``"gaussian-learned"``.
     :param obs_scale: standard deviation (Gaussian) or scale ``b = 1 / loss_ratio`` (Laplace) of ``r(x)``.
-    :param value_range: ``(lo, hi)`` of pixel values; decoder means are squashed into it.
+    :param value_range: ``(lo, hi)`` of pixel values; decoder means are squashed into it.  ``None`` for real-valued
+        data: the decoder output is the mean itself.
     :param beta: extra weight on the KL for the flat VAE baseline (beta-VAE); ignored by other models.
+    :param conditionals: ``"mlp"`` (Appendix B.1: ``fc_layers`` dense layers, then a Gaussian head whose scale
+        depends on the input) or ``"affine"``: every latent conditional of the stacked HVAEs, and for vector data also
+        ``q(z_1|x)`` and the mean of ``p(x|z_1)``, is affine with a learned input-independent diagonal scale,
+        ``N(W h + b, diag(s)^2)``.  With a ``gaussian-learned`` likelihood this is exactly the linear-Gaussian family.
     """
 
     name: str = "custom"
@@ -46,16 +53,20 @@ class ModelConfig:
     noise_injection: str = "concat"
     likelihood: str = "laplace"
     obs_scale: float = 0.125
-    value_range: tuple = field(default=(0.0, 1.0))
+    value_range: tuple | None = field(default=(0.0, 1.0))
     beta: float = 1.0
+    conditionals: str = "mlp"
 
     def __post_init__(self):
         self.image_shape = tuple(int(s) for s in self.image_shape)
         self.latent_dims = tuple(int(d) for d in self.latent_dims)
         self.channels = tuple(int(c) for c in self.channels)
-        self.value_range = tuple(float(v) for v in self.value_range)
-        if len(self.image_shape) != 3:
-            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if self.value_range is not None:
+            self.value_range = tuple(float(v) for v in self.value_range)
+        if len(self.image_shape) not in (1, 3) or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (C, H, W) for images or (D,) for vectors, got {self.image_shape}")
+        if self.conditionals not in CONDITIONALS:
+            raise ValueError(f"conditionals must be one of {CONDITIONALS}, got {self.conditionals!r}")
         if not self.latent_dims or min(self.latent_dims) < 1:
             raise ValueError(f"latent_dims must be a non-empty tuple of positive ints, got {self.latent_dims}")
         if self.noise_injection not in ("concat", "gated_add"):
@@ -66,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"obs_scale must be > 0, got {self.obs_scale}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.is_vector:
+            return
         factor = 2 ** len(self.channels)
         _, h, w = self.image_shape
         if h % factor or w % factor:
@@ -78,6 +91,11 @@ class ModelConfig:
     def num_layers(self) -> int:
         return len(self.latent_dims)
 
+    @property
+    def is_vector(self) -> bool:
+        """Whether the data are vectors ``(D,)`` rather than images ``(C, H, W)``."""
+        return len(self.image_shape) == 1
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -87,6 +105,7 @@ class ModelConfig:
 
 
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "gaussian-learned")
+CONDITIONALS = ("mlp", "affine")
 
 
 def activation(kind: str = "lrelu") -> nn.Module:
@@ -137,6 +156,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, image_shape, channels, batch_norm=True, act="lrelu"):
         super().__init__()
+        check_image_shape_3d(image_shape, type(self).__name__)
         c, h, w = image_shape
         layers = []
         for out in channels:
@@ -160,6 +180,7 @@ class DeconvDecoder(nn.Module):
 
     def __init__(self, in_dim, image_shape, channels, batch_norm=True, act="relu"):
         super().__init__()
+        check_image_shape_3d(image_shape, type(self).__name__)
         c_out, h, w = image_shape
         n = len(channels)
         self.start = (channels[-1], h // 2**n, w // 2**n)
@@ -190,6 +211,43 @@ class GaussianHead(nn.Module):
 
     def forward(self, h):
         return self.loc(h), torch.sigmoid(self.scale(h)) + MIN_SCALE
+
+
+class AffineGaussian(nn.Module):
+    """``N(W h + b, diag(s)^2)``: linear mean and a learned scale ``s = softplus(r) + MIN_SCALE`` that does not depend
+    on ``h`` (the ``"affine"`` conditionals, exact for linear-Gaussian models).
+
+    :param in_dim: input width.
+    :param out_dim: output width.
+    :param init_scale: initial ``s`` (every dimension).
+    """
+
+    def __init__(self, in_dim, out_dim, init_scale=1.0):
+        super().__init__()
+        self.loc = nn.Linear(in_dim, out_dim)
+        self.raw_scale = nn.Parameter(torch.full((out_dim,), math.log(math.expm1(init_scale - MIN_SCALE))))
+
+    def forward(self, h):
+        loc = self.loc(h)
+        return loc, (nn.functional.softplus(self.raw_scale) + MIN_SCALE).expand_as(loc)
+
+
+def gaussian_conditional(in_dim, out_dim, config: ModelConfig) -> nn.Module:
+    """A Gaussian conditional ``h -> (loc, scale)`` between layers: ``MLP`` plus :class:`GaussianHead`, or
+    :class:`AffineGaussian` when ``config.conditionals == "affine"``."""
+    if config.conditionals == "affine":
+        return AffineGaussian(in_dim, out_dim)
+    return nn.Sequential(
+        MLP(in_dim, config.hidden, config.fc_layers, None, config.batch_norm), GaussianHead(config.hidden, out_dim)
+    )
+
+
+def dense_decoder(in_dim, config: ModelConfig) -> nn.Module:
+    """Vector data: raw decoder outputs of width ``D`` from ``z_1``: one linear map (affine conditionals) or
+    ``fc_layers`` dense ReLU layers then a linear map."""
+    (d,) = config.image_shape
+    layers = 0 if config.conditionals == "affine" else config.fc_layers
+    return MLP(in_dim, config.hidden, layers, d, config.batch_norm, "relu")
 
 
 class NoiseInjection(nn.Module):
@@ -239,12 +297,23 @@ def check_images(x, image_shape, who: str) -> int:
         raise TypeError(
             f"{who}: x must be a torch.Tensor of shape (N, {', '.join(map(str, image_shape))}), got {type(x)}"
         )
-    if x.dim() != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+    ndim = 1 + len(image_shape)
+    if x.dim() != ndim or tuple(x.shape[1:]) != tuple(image_shape):
+        got = tuple(x.shape[1:]) if x.dim() == ndim else tuple(x.shape)
         raise ValueError(
-            f"{who}: data shape {tuple(x.shape[1:]) if x.dim() == 4 else tuple(x.shape)} does not match the preset's "
+            f"{who}: data shape {got} does not match the preset's "
             f"image shape {tuple(image_shape)}; choose a preset for this dataset (--preset) or resize the data"
         )
     return x.shape[0]
+
+
+def check_image_shape_3d(image_shape, who: str) -> None:
+    """Raise a clear error when a convolutional block is asked to handle vector data."""
+    if len(image_shape) != 3:
+        raise ValueError(
+            f"{who} needs image data (C, H, W), got the vector shape {tuple(image_shape)}; vector data is supported "
+            "by the stacked HVAEs ('hvae', 'hvae-ar'), which encode and decode it with dense layers"
+        )
 
 
 def batch_size_of(x, batch_size, image_shape, who: str) -> int:

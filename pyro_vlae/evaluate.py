@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pyro_vlae.evaluate",
         description="Evaluate a trained run: IWAE log-likelihood, per-layer KL and active units, classifier-based "
-        "sample quality and probes, disentanglement (sprites); writes eval.json and report.md in the run folder.",
+        "sample quality and probes, disentanglement (sprites, shapes3d); writes eval.json and report.md in the run "
+        "folder.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding checkpoints/latest.pt")
     p.add_argument("--num-samples", type=int, default=50, help="importance samples K per image (default: 50)")
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-cache", help="classifier cache folder (default: <data_dir>/classifiers)")
     p.add_argument("--probe-images", type=int, default=5000, help="training images for the linear probes")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier-based metrics and probes")
+    p.add_argument(
+        "--dci",
+        choices=["gbt", "lda"],
+        default="gbt",
+        help="DCI importances: gbt, disentanglement_lib's gradient-boosted trees (minutes on a CPU; default), or lda, "
+        "a fast variant that is not comparable with published numbers",
+    )
     p.add_argument("--no-diagnostics", action="store_true", help="skip the intervention and Gibbs-chain diagnostics")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -50,7 +58,8 @@ def main(argv=None) -> int:
         evaluate_run(
             args.run_dir, args.num_samples, args.split, args.max_images, args.device, batch_size=args.batch_size,
             chunk_size=args.chunk_size, classifier_cache=args.classifier_cache, probe_images=args.probe_images,
-            classifier=not args.no_classifier, run_diagnostics=not args.no_diagnostics, seed=args.seed,
+            classifier=not args.no_classifier, run_diagnostics=not args.no_diagnostics, dci_estimator=args.dci,
+            seed=args.seed,
         )  # fmt: skip
     except CheckpointError as e:
         return _fail(f"{e}")

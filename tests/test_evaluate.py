@@ -157,3 +157,23 @@ def test_cli_with_diagnostics(shared):
     assert {"evaluation", "layers", "gibbs", "test"} <= set(data)
     text = (run / "report.md").read_text()
     assert "variance share" in text and "## Gibbs chain" in text
+
+
+@pytest.mark.parametrize("dataset", ["shapes3d"])
+def test_factor_datasets_get_disentanglement_at_their_preset_size(tmp_path, dataset):
+    """A 32x32 shapes3d run is evaluated on 32x32 data (not the loader's default 64), with MIG, SAP and DCI."""
+    preset = get_preset(f"{dataset}-32")
+    preset.train.num_steps, preset.train.batch_size = 2, 8
+    config = RunConfig("vlae", dataset, f"{dataset}-32", preset.model, preset.train, seed=0, data_dir=str(tmp_path))
+    bundle = load_data(dataset, str(tmp_path), 8, shapes3d_size=32)
+    (tmp_path / "run").mkdir()
+    write_config(str(tmp_path / "run"), config)
+    fit(config, bundle, str(tmp_path / "run"), "cpu", progress=False, log=lambda *_: None)
+    block = EP.evaluate_run(
+        str(tmp_path / "run"), num_samples=2, max_images=16, device="cpu", batch_size=16, disentangle_images=60,
+        classifier=False, run_diagnostics=False, dci_estimator="lda", log=lambda *_: None,
+    )  # fmt: skip
+    dis = block["disentanglement"]
+    assert dis["factor_names"] == list(bundle.factor_names) and dis["n_samples_total"] == 60
+    assert {"mig", "sap", "dci_disentanglement"} <= set(dis["overall"]["summary"])
+    assert set(dis["layers"]) == {"z1", "z2", "z3"}

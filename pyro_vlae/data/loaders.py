@@ -46,6 +46,8 @@ _GRIDS = {  # procedural datasets: item class, factor names, factor sizes, test-
     "sprites": (SpritesDataset, SPRITES_FACTORS, SPRITES_SIZES, SPRITES_TEST_SIZE),
     "shapes3d": (Shapes3DDataset, SHAPES3D_FACTORS, SHAPES3D_SIZES, SHAPES3D_TEST_SIZE),
 }
+#: Datasets whose ``y`` holds ground-truth generative factors (the disentanglement metrics apply to these).
+FACTOR_DATASETS = tuple(_GRIDS)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import load_data
+from ..data import FACTOR_DATASETS, load_data
 from ..training.checkpoint import read_json_dict, update_json
 from ..training.runs import load_run, resolve_device
 from . import likelihood as M
@@ -148,11 +148,12 @@ def classifier_blocks(model, bundle, x_eval, y_eval, codes, train_codes, y_train
     return clf, classifier, quality, probes
 
 
-def disentanglement_block(model, guide, bundle, max_items, batch_size, device, log) -> dict:
-    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` sprites test items.
+def disentanglement_block(model, guide, bundle, max_items, batch_size, device, log, dci_estimator="gbt") -> dict:
+    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` test items with ground-truth factors.
 
     DCI fits disentanglement_lib's gradient-boosted trees, one tree per factor value and boosting stage, on all codes
-    and again on each layer: minutes on a CPU for the sprites factors.
+    and again on each layer: minutes on a CPU for the sprites factors.  ``dci_estimator="lda"`` takes the named
+    variant of :func:`~.disentangle.evaluate_all` instead (seconds; not disentanglement_lib's definition).
     """
     from .disentangle import evaluate_all
 
@@ -163,8 +164,11 @@ def disentanglement_block(model, guide, bundle, max_items, batch_size, device, l
         groups.append((site, slice(start, start + c.shape[1])))
         start += c.shape[1]
     flat = torch.cat(list(codes.values()), 1).numpy()
-    log(f"disentanglement: fitting SAP's and DCI's classifiers on {x.shape[0]} items (DCI's trees take minutes)")
-    res = evaluate_all(flat, factors.numpy(), groups=groups, factor_names=bundle.factor_names)
+    slow = " (DCI's trees take minutes)" if dci_estimator == "gbt" else f" (DCI: the {dci_estimator} variant)"
+    log(f"disentanglement: fitting SAP's and DCI's classifiers on {x.shape[0]} items{slow}")
+    res = evaluate_all(
+        flat, factors.numpy(), groups=groups, factor_names=bundle.factor_names, dci_estimator=dci_estimator
+    )
     log(
         f"disentanglement on {x.shape[0]} items: "
         + ", ".join(f"{k} {v:.3f}" for k, v in res["overall"]["summary"].items())
@@ -201,7 +205,7 @@ def evaluate_run(
     run_dir: str, num_samples: int = 50, split: str = "test", max_images: int | None = 1000, device="auto", *,
     batch_size: int = 100, chunk_size: int | None = None, classifier_cache: str | None = None,
     probe_images: int = 5000, disentangle_images: int = 5000, classifier: bool = True, run_diagnostics: bool = True,
-    seed: int = 0, log=print,
+    dci_estimator: str = "gbt", seed: int = 0, log=print,
 ) -> dict:  # fmt: skip
     """Evaluate the run in ``run_dir``, merge the results into ``eval.json`` and write ``report.md``.
 
@@ -214,7 +218,8 @@ def evaluate_run(
     :param chunk_size: importance samples per pass; default keeps a pass near 1024 rows.
     :param classifier_cache: classifier cache folder (default ``<data_dir>/classifiers``).
     :param probe_images: training-split images whose codes train the linear probes.
-    :param disentangle_images: sprites test items for the disentanglement scores.
+    :param disentangle_images: test items for the disentanglement scores (datasets with ground-truth factors).
+    :param dci_estimator: ``"gbt"`` (disentanglement_lib's gradient-boosted trees, minutes) or ``"lda"`` (a variant).
     :param classifier: measure the classifier-based numbers (sample quality, probes, class-change rates).  The
         classifier is trained on the first call for a dataset (minutes on MNIST on a CPU), then read from the cache.
     :param run_diagnostics: also run :mod:`.diagnostics` (interventions and Gibbs chains; the slowest part).
@@ -229,9 +234,8 @@ def evaluate_run(
     t_start = time.time()
     model, guide, config, state = load_run(run_dir, device)
     size = config.model.image_shape[-1]
-    bundle = load_data(
-        config.dataset, config.data_dir, batch_size, seed=config.seed, sprites_size=size, celeba_size=size
-    )
+    sizes = {"sprites_size": size, "shapes3d_size": size, "celeba_size": size}
+    bundle = load_data(config.dataset, config.data_dir, batch_size, seed=config.seed, **sizes)
     limit = max_images or None
     x_eval, y_eval = _split_data(bundle, split, limit)
     if x_eval.shape[0] < 2:
@@ -262,9 +266,9 @@ def evaluate_run(
         else:
             why = "has no class labels" if not bundle.num_classes else "is not held in memory"
             log(f"classifier, sample quality and probes skipped: {config.dataset} {why}")
-        if config.dataset == "sprites":
+        if config.dataset in FACTOR_DATASETS:
             block["disentanglement"] = disentanglement_block(
-                model, guide, bundle, disentangle_images, batch_size, device, log
+                model, guide, bundle, disentangle_images, batch_size, device, log, dci_estimator
             )
         diagnostics, diag_status = None, "skipped"
         if run_diagnostics:

@@ -2,7 +2,8 @@
 
 For each layer, resample that layer alone (50 groups x 20 draws, other layers fixed per group) and report how often the
 digit classifier's prediction changes against the group's first image, plus the share of pixel variance.  Used to
-compare schedules for the CPU-sized default job; see benchmarks/RESULTS.md.
+compare schedules for the CPU-sized default job; see benchmarks/RESULTS.md.  The model is the one trained up to the
+checkpoint, with the ladder gains of its fade-in (printed as ``ladder_gain``, for z1 .. z(L-1)).
 
     python benchmarks/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers]
 """
@@ -30,6 +31,8 @@ def main(argv=None):
     clf, info = get_classifier(x, y, num_classes=10, cache_dir=args.cache, x_test=xt, y_test=yt, log=lambda *a: None)
     g = torch.Generator().manual_seed(0)
     out = {"step": state["step"], "classifier_accuracy": info["test_accuracy"], "class_change": {}}
+    if hasattr(model, "ladder_gain"):
+        out["ladder_gain"] = [round(g, 4) for g in model.ladder_gain.tolist()]
     for site in model.latent_sites:
         imgs = iv.intervene_layer(model, site, 50, 20, generator=g)
         groups, draws = imgs.shape[:2]

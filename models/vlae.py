@@ -39,18 +39,22 @@ class VLAEModel(PyroModule):
         c, L, H = config, config.num_layers, config.hidden
         bn = c.batch_norm
         self.top = MLP(c.latent_dims[-1], H, c.fc_layers, H, bn, "relu")
-        self.ladder = nn.ModuleList([dense(c.latent_dims[l], H, bn, "relu") for l in range(L - 1)])
+        # v_l; with reference_activations, v_1 and the hidden transposed convolutions use leaky ReLU (the reference).
+        v_act = ["lrelu" if c.reference_activations and l == 0 else "relu" for l in range(L - 1)]
+        self.ladder = nn.ModuleList([dense(c.latent_dims[l], H, bn, v_act[l]) for l in range(L - 1)])
         self.inject = nn.ModuleList([NoiseInjection(H, c.noise_injection) for _ in range(L - 1)])
         # u_l for l = 2 .. L-1 (index l-1); u_1 is folded into the decoder below.
         self.combine = nn.ModuleList(
             [MLP(self.inject[l].out_dim, H, c.fc_layers, H, bn, "relu") for l in range(1, L - 1)]
         )
         dec_in = self.inject[0].out_dim if L > 1 else H
-        self.decoder = DeconvDecoder(dec_in, c.image_shape, c.channels, bn, "relu")
+        conv_act = "lrelu" if c.reference_activations else "relu"
+        self.decoder = DeconvDecoder(dec_in, c.image_shape, c.channels, bn, "relu", conv_act=conv_act)
         self.likelihood = Likelihood(c.likelihood, c.image_shape, c.obs_scale, c.value_range)
         # Gain on each ladder input v_l(z_l), l = 1 .. L-1.  It is 1 except while a progressive schedule fades the
-        # lower layers in (pyro_vlae.training.annealing.ladder_gains); recomputed from the step, so not saved.
-        self.register_buffer("ladder_gain", torch.ones(max(L - 1, 0)), persistent=False)
+        # lower layers in (pyro_vlae.training.annealing.ladder_gains).  It changes the model, so it is saved with the
+        # weights; pyro_vlae.training.runs.load_weights fills it from the step for checkpoints written before it was.
+        self.register_buffer("ladder_gain", torch.ones(max(L - 1, 0)))
 
     @property
     def latent_sites(self):

@@ -41,6 +41,13 @@ class ModelConfig:
         depends on the input) or ``"affine"``: every latent conditional of the stacked HVAEs, and for vector data also
         ``q(z_1|x)`` and the mean of ``p(x|z_1)``, is affine with a learned input-independent diagonal scale,
         ``N(W h + b, diag(s)^2)``.  With a ``gaussian-learned`` likelihood this is exactly the linear-Gaussian family.
+    :param inference: VLAE guide only: ``"trunk"`` (one shared stack ``h_l = g_l(h_{l-1})`` with a linear Gaussian
+        head per layer) or ``"branches"`` (the reference code: ``z_1`` has a convolutional stack of its own, and each
+        higher ``z_l`` reads the shared trunk through ``fc_layers`` dense layers of its own).
+    :param reference_activations: VLAE model only: leaky ReLU (slope 0.1) for ``v_1`` and the hidden transposed
+        convolutions, as the reference code (whose ``conv2d_t_bn_relu`` applies leaky ReLU); ReLU otherwise.
+    :param bn_eps: batch-norm epsilon (PyTorch's 1e-5; TensorFlow's ``contrib.layers.batch_norm`` uses 1e-3).
+    :param bn_momentum: batch-norm running-statistics momentum (PyTorch's 0.1; a TensorFlow decay ``d`` is ``1 - d``).
     """
 
     name: str = "custom"
@@ -56,6 +63,10 @@ class ModelConfig:
     value_range: tuple | None = field(default=(0.0, 1.0))
     beta: float = 1.0
     conditionals: str = "mlp"
+    inference: str = "trunk"
+    reference_activations: bool = False
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
 
     def __post_init__(self):
         self.image_shape = tuple(int(s) for s in self.image_shape)
@@ -77,6 +88,10 @@ class ModelConfig:
             raise ValueError(f"obs_scale must be > 0, got {self.obs_scale}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.inference not in VLAE_INFERENCE:
+            raise ValueError(f"inference must be one of {VLAE_INFERENCE}, got {self.inference!r}")
+        if not (self.bn_eps > 0 and 0 < self.bn_momentum <= 1):
+            raise ValueError(f"need bn_eps > 0 and 0 < bn_momentum <= 1, got {self.bn_eps} and {self.bn_momentum}")
         if self.is_vector:
             return
         factor = 2 ** len(self.channels)
@@ -106,6 +121,7 @@ class ModelConfig:
 
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli", "gaussian-learned")
 CONDITIONALS = ("mlp", "affine")
+VLAE_INFERENCE = ("trunk", "branches")
 
 
 def activation(kind: str = "lrelu") -> nn.Module:
@@ -178,8 +194,8 @@ class DeconvDecoder(nn.Module):
     Returns unsquashed outputs (logits) of shape ``image_shape``; the likelihood decides how to squash them.
     """
 
-    def __init__(self, in_dim, image_shape, channels, batch_norm=True, act="relu"):
-        super().__init__()
+    def __init__(self, in_dim, image_shape, channels, batch_norm=True, act="relu", conv_act=None):
+        super().__init__()  # conv_act: activation of the hidden transposed convolutions (default: act)
         check_image_shape_3d(image_shape, type(self).__name__)
         c_out, h, w = image_shape
         n = len(channels)
@@ -194,7 +210,7 @@ class DeconvDecoder(nn.Module):
             if not last:
                 if batch_norm:
                     layers.append(nn.BatchNorm2d(nxt))
-                layers.append(activation(act))
+                layers.append(activation(conv_act or act))
         self.net = nn.Sequential(*layers)
 
     def forward(self, h):
@@ -268,6 +284,14 @@ class NoiseInjection(nn.Module):
         if self.method == "concat":
             return torch.cat([path, ladder], dim=-1)
         return path + self.gate * ladder
+
+
+def set_batch_norm(module: nn.Module, eps: float, momentum: float) -> nn.Module:
+    """Set ``eps`` and ``momentum`` of every batch-norm layer in ``module`` (``config.bn_eps``, ``bn_momentum``)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps, m.momentum = eps, momentum
+    return module
 
 
 def squash(raw: torch.Tensor, value_range) -> torch.Tensor:

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -25,7 +25,7 @@ from . import distributed
 from .annealing import KLSchedule, ladder_gains
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
-from .runs import RunConfig, build, save_run_checkpoint
+from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -138,6 +138,9 @@ class TrainResult:
     last_metrics: dict
     seconds: float
     stop_signal: int = 0  # the signal that interrupted the run (SIGINT or SIGTERM), 0 otherwise
+    # The trained networks in eval mode: the model the final checkpoint holds, fade-in gains included.
+    model: object = field(default=None, repr=False, compare=False)
+    guide: object = field(default=None, repr=False, compare=False)
 
 
 # Steps checked by Pyro's validation at each start or resume before it is switched off (see ``fit``).
@@ -168,9 +171,11 @@ def next_batch(bundle, order: BatchOrder, par, tensors, step: int, device, binar
 
 
 def set_fade_in(model, config: RunConfig, step: int) -> None:
-    """Set the VLAE's ladder gains for ``step`` of the fade-in (nothing when the run has none)."""
-    if config.train.fade_in and hasattr(model, "ladder_gain"):
-        model.ladder_gain.copy_(torch.tensor(ladder_gains(step, config.model.num_layers, config.train.fade_in)))
+    """Set the VLAE's ladder gains for ``step`` of the fade-in (all 1 when the run has none, also when a resumed
+    checkpoint holds the gains of an earlier schedule)."""
+    if hasattr(model, "ladder_gain"):
+        gains = ladder_gains(step, config.model.num_layers, config.train.fade_in)
+        model.ladder_gain.copy_(torch.tensor(gains, dtype=model.ladder_gain.dtype))
 
 
 def check_loss(loss, step: int, last_good: str | None) -> None:
@@ -183,10 +188,9 @@ def check_loss(loss, step: int, last_good: str | None) -> None:
         )
 
 
-def restore(resume: dict, model, guide, optim) -> int:
+def restore(resume: dict, model, guide, optim, config: RunConfig) -> int:
     """Load a checkpoint dict into the model, guide, optimiser and RNGs; returns its step."""
-    model.load_state_dict(resume["model"])
-    guide.load_state_dict(resume["guide"])
+    load_weights(model, guide, resume, config)
     optim.set_state(resume["optim"])
     if "rng" in resume:
         set_rng_state(resume["rng"])
@@ -242,9 +246,11 @@ def fit(
     passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  A NaN loss is caught either way.
 
     :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
+    :raises ValueError: for settings :func:`~pyro_vlae.training.runs.check_objective` refuses.
     """
     from tqdm.auto import tqdm
 
+    check_objective(config)
     tc = config.train
     par = distributed.current(device)  # SingleProcess outside torchrun: every call below is then the identity
     if par.is_lead:
@@ -253,7 +259,7 @@ def fit(
         pyro.set_rng_seed(config.seed)
     model, guide, optim, svi = build(config, device)
     ckpt_path = os.path.join(run_dir, "checkpoints", "latest.pt")
-    start = restore(resume, model, guide, optim) if resume is not None else 0
+    start = restore(resume, model, guide, optim, config) if resume is not None else 0
     last_good = ckpt_path if resume is not None else None
     model.train(), guide.train()
     svi = par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
@@ -313,4 +319,5 @@ def fit(
         if interrupted:  # every rank reports the same signal (a rank may have been stopped by another's)
             signum = signal.SIGTERM if par.any(stop.signum == signal.SIGTERM) else signal.SIGINT
     model.eval(), guide.eval()
-    return TrainResult(step, interrupted, path, steplog.last, time.time() - steplog.t0, int(signum))
+    seconds = time.time() - steplog.t0
+    return TrainResult(step, interrupted, path, steplog.last, seconds, int(signum), model=model, guide=guide)

@@ -1,5 +1,6 @@
 """A run's identity and its checkpoints: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI),
-:func:`save_run_checkpoint` and :func:`load_run`.
+:func:`save_run_checkpoint`, :func:`load_weights` and :func:`load_run`; :func:`check_objective` refuses settings under
+which training would not optimise the ELBO the user asked for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..guides import get_guide
 from ..models import get_model
 from ..nets import ModelConfig
 from ..presets import TrainConfig
+from .annealing import ladder_gains
 from .checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint
 from .optim import FusedAdam
 
@@ -65,7 +67,52 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return device
+
+
+#: Model kinds whose guide makes every ``q(z_l|x)`` depend on ``x`` only: the analytic KLs of
+#: ``TraceMeanField_ELBO`` then sum to the ELBO.  The stacked HVAEs' guide draws ``z_{l+1} ~ q(z_{l+1}|z_l)``.
+MEANFIELD_MODELS = ("vlae", "vae")
+
+
+def check_objective(config: RunConfig) -> None:
+    """Refuse settings under which training would optimise something other than the objective asked for.
+
+    * ``elbo="meanfield"`` for the stacked HVAEs: Pyro's analytic KL for ``z_l`` holds the model's parent ``z_{l+1}``
+      fixed, but the guide draws ``z_{l+1}`` from ``q(z_{l+1}|z_l)``, so the sum is not the ELBO.
+    * ``beta != 1`` for any model but the flat ``vae`` (the only one that reads it).
+    * ``fade_in > 0`` for any model but the ``vlae`` (the only one with ladder gains).
+
+    Called when a run is configured and at the start of :func:`pyro_vlae.training.loop.fit`, not by :func:`build`,
+    so that runs saved before these checks still load for evaluation.
+
+    :raises ValueError: naming the setting and the fix.
+    """
+    check_settings(config.model_kind, config.train.elbo, config.model.beta, config.train.fade_in)
+
+
+def check_settings(kind: str, elbo: str = "trace", beta: float = 1.0, fade_in: int = 0) -> None:
+    """:func:`check_objective` on the settings themselves (the command line checks its flags before reading data)."""
+    if elbo == "meanfield" and kind not in MEANFIELD_MODELS:
+        raise ValueError(
+            f"--elbo meanfield is valid for {' and '.join(MEANFIELD_MODELS)} only, whose guides draw every layer from "
+            f"x alone; the {kind} guide draws z_(l+1) from q(z_(l+1)|z_l), so TraceMeanField_ELBO's analytic KLs "
+            f"would not sum to the ELBO: use --elbo trace with --model {kind}"
+        )
+    if beta != 1 and kind != "vae":
+        raise ValueError(
+            f"--beta {beta} weights the KL of the flat vae only and {kind} would ignore it: drop --beta, "
+            f"or use --anneal const:{beta} to scale every layer's KL by {beta}"
+        )
+    if fade_in and kind != "vlae":
+        raise ValueError(
+            f"--fade-in {fade_in} fades in the ladder inputs of the vlae only and {kind} would ignore it: drop "
+            "--fade-in (or pass --fade-in 0)"
+        )
 
 
 def build(config: RunConfig, device) -> tuple:
@@ -101,13 +148,31 @@ def save_run_checkpoint(run_dir: str, model, guide, optim, step: int, config: Ru
     return path
 
 
+def load_weights(model, guide, state: dict, config: RunConfig) -> None:
+    """Load a checkpoint's weights into ``model`` and ``guide`` (strictly: every entry must fit).
+
+    The VLAE's ladder gains (the fade-in state) are part of its state dict.  Checkpoints written before they were
+    lack them; for those the gains are recomputed from the step and the schedule, as training had set them for the
+    last step it took (``ladder_gains(step - 1)``).
+    """
+    weights = state["model"]
+    if "ladder_gain" in model.state_dict() and "ladder_gain" not in weights:
+        gains = ladder_gains(max(int(state["step"]) - 1, 0), config.model.num_layers, config.train.fade_in)
+        weights = {**weights, "ladder_gain": torch.tensor(gains, dtype=model.ladder_gain.dtype)}
+    model.load_state_dict(weights)
+    guide.load_state_dict(state["guide"])
+
+
 def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
-    """Rebuild ``(model, guide, config, state)`` from a run folder's checkpoint (eval mode, on ``device``)."""
+    """Rebuild ``(model, guide, config, state)`` from a run folder's checkpoint (eval mode, on ``device``).
+
+    The model is the one that was trained up to that checkpoint, fade-in gains included (:func:`load_weights`).
+    Settings that :func:`check_objective` now refuses still load, so that older runs can be evaluated.
+    """
     state = load_checkpoint(os.path.join(run_dir, "checkpoints", checkpoint), map_location=device)
     config = RunConfig.from_dict(state["config"])
     model, guide, _, _ = build(config, device)
-    model.load_state_dict(state["model"])
-    guide.load_state_dict(state["guide"])
+    load_weights(model, guide, state, config)
     model.eval(), guide.eval()
     return model, guide, config, state
 

@@ -19,7 +19,7 @@ from .guides import GUIDES
 from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
-from .training.runs import RunConfig, build
+from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_objective, check_settings, load_weights
 
 
 def _int_at_least(lowest: int, what: str):
@@ -103,11 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--obs-scale", type=_positive_float, help="Gaussian sigma or Laplace scale b = 1/loss_ratio")
     p.add_argument("--anneal", type=_schedule, help=f"KL-scale schedule: {SCHEDULE_HELP}")
-    p.add_argument("--elbo", choices=["trace", "meanfield"], help="Trace_ELBO (default) or TraceMeanField_ELBO")
-    p.add_argument("--beta", type=_positive_float, help="KL weight of the flat VAE (beta-VAE); default 1")
-    p.add_argument("--noise-injection", choices=["concat", "gated_add"], help="VLAE ladder combination")
     p.add_argument(
-        "--fade-in", type=int, help="VLAE: steps per layer of a progressive fade-in of lower layers (0: off)"
+        "--elbo",
+        choices=["trace", "meanfield"],
+        help="Trace_ELBO (default) or TraceMeanField_ELBO (analytic KLs; valid for "
+        f"{' and '.join(MEANFIELD_MODELS)} only, whose guides draw every layer from x alone)",
+    )
+    p.add_argument("--beta", type=_positive_float, help="vae only: KL weight of the flat VAE (beta-VAE); default 1")
+    p.add_argument("--noise-injection", choices=["concat", "gated_add"], help="vlae only: ladder combination")
+    p.add_argument(
+        "--fade-in",
+        type=_nonnegative_int,
+        help="vlae only: steps per layer of a progressive fade-in of lower layers (0: off; default: the preset's)",
     )
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
@@ -158,13 +165,58 @@ def _overrides(args) -> tuple:
     return given(MODEL_FLAGS), given(TRAIN_FLAGS)
 
 
+def check_flags(kind: str, args) -> None:
+    """Refuse flags that model ``kind`` would ignore (``--beta``, ``--fade-in``, ``--noise-injection``) or under
+    which it would not train its ELBO (``--elbo meanfield`` for the stacked HVAEs).  Needs no data, so the command
+    line calls it first.
+
+    :raises ValueError: naming the flag and the fix.
+    """
+    model_over, train_over = _overrides(args)
+    if kind != "vlae" and "noise_injection" in model_over:
+        raise ValueError(f"--noise-injection combines the vlae's ladder inputs and {kind} has none: drop it")
+    check_settings(kind, train_over.get("elbo", "trace"), model_over.get("beta", 1.0), train_over.get("fade_in", 0))
+
+
+def _checked(config: RunConfig, args, from_preset: bool) -> RunConfig:
+    """:func:`check_flags`; for a new run (``from_preset``), replace the preset's settings that the model cannot use
+    and no flag named (a fade-in without a ladder, meanfield for the stacked HVAEs) by the defaults, so that the saved
+    config says what is trained; then :func:`~pyro_vlae.training.runs.check_objective` on the result.
+
+    :raises ValueError: naming the flag and the fix.
+    """
+    kind = config.model_kind
+    check_flags(kind, args)
+    _, train_over = _overrides(args)
+    if from_preset and kind != "vlae" and "fade_in" not in train_over:
+        config.train = dataclasses.replace(config.train, fade_in=0)
+    if from_preset and kind not in MEANFIELD_MODELS and "elbo" not in train_over and config.train.elbo == "meanfield":
+        config.train = dataclasses.replace(config.train, elbo="trace")
+    check_objective(config)
+    return config
+
+
 def config_from_args(args, image_shape, cuda: bool) -> RunConfig:
+    """A new run's config: the preset's, with the fields that flags name replaced.
+
+    :raises ValueError: for a flag that the model would ignore, or a combination that is not its ELBO.
+    """
     preset = P.get_preset(args.preset or P.default_preset_name(args.dataset, cuda))
     model_over, train_over = _overrides(args)
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over)
     P.check_image_shape(model, image_shape, args.dataset)
-    return RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
+    config = RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
+    return _checked(config, args, from_preset=True)
+
+
+def saved_config(state: dict) -> RunConfig:
+    """The config of a checkpoint to resume.  Runs of other models saved before a preset's fade-in was dropped for
+    them carry one that never acted; it is dropped here too."""
+    config = RunConfig.from_dict(state["config"])
+    if config.model_kind != "vlae" and config.train.fade_in:
+        config.train = dataclasses.replace(config.train, fade_in=0)
+    return config
 
 
 def forced_config(args, saved: RunConfig, cuda: bool) -> RunConfig:
@@ -173,7 +225,7 @@ def forced_config(args, saved: RunConfig, cuda: bool) -> RunConfig:
     dataset = args.dataset or saved.dataset
     preset = args.preset or (saved.preset if dataset == saved.dataset else P.default_preset_name(dataset, cuda))
     model = saved.model if preset == saved.preset else P.get_preset(preset).model
-    return RunConfig(
+    config = RunConfig(
         args.model or saved.model_kind,
         dataset,
         preset,
@@ -183,14 +235,14 @@ def forced_config(args, saved: RunConfig, cuda: bool) -> RunConfig:
         saved.data_dir,
         dict(saved.extra),
     )
+    return _checked(config, args, from_preset=False)
 
 
 def check_weights_fit(config: RunConfig, state: dict) -> None:
     """Refuse a forced configuration whose networks cannot take the checkpoint's weights."""
     model, guide, _, _ = build(config, "cpu")
     try:
-        model.load_state_dict(state["model"])
-        guide.load_state_dict(state["guide"])
+        load_weights(model, guide, state, config)
     except RuntimeError as e:
         why = " ".join(str(e).split())[:200]
         raise CheckpointError(
@@ -210,7 +262,7 @@ def resume_conflicts(args, saved: RunConfig) -> list:
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.model, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.model, flag)})")
-    for flag in ("batch_size", "lr", "anneal", "elbo"):
+    for flag in ("batch_size", "lr", "anneal", "elbo", "fade_in"):
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.train, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.train, flag)})")

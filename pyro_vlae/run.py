@@ -21,7 +21,15 @@ import time
 import torch
 
 from . import presets as P
-from .cli_config import build_parser, check_weights_fit, config_from_args, forced_config, resume_conflicts
+from .cli_config import (
+    build_parser,
+    check_flags,
+    check_weights_fit,
+    config_from_args,
+    forced_config,
+    resume_conflicts,
+    saved_config,
+)
 from .data import DatasetError, load_data
 from .figures import write_figures
 from .training import distributed as D
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
         resume = None
         if args.resume:
             resume = load_checkpoint(os.path.join(args.resume, "checkpoints", "latest.pt"))
-            config = RunConfig.from_dict(resume["config"])
+            config = saved_config(resume)
             conflicts = resume_conflicts(args, config)
             if conflicts and not args.force_config:
                 return _fail(
@@ -118,6 +126,7 @@ def main(argv=None) -> int:
             run_dir = args.resume
         else:
             args.model, args.dataset = args.model or "vlae", args.dataset or "mnist"
+            check_flags(args.model, args)  # before any data is read
             bundle_probe = None
             cuda = device.type == "cuda"
             preset_name = args.preset or P.default_preset_name(args.dataset, cuda)
@@ -163,6 +172,13 @@ def main(argv=None) -> int:
                     f"preset {config.preset}, device {device}, {config.train.num_steps} steps of batch "
                     f"{config.train.batch_size}" + (f" x {par.world_size} processes" if par.world_size > 1 else "")
                 )
+                fade_end = config.model.num_layers * config.train.fade_in if config.model_kind == "vlae" else 0
+                if fade_end > config.train.num_steps:
+                    print(
+                        f"note: the fade-in ends at step {fade_end}, after the last step {config.train.num_steps}: "
+                        "the lower layers' ladder gains stay below 1, and the saved model (which evaluation and "
+                        "figures use) is that partly faded-in VLAE"
+                    )
             result = fit(
                 config,
                 bundle,

@@ -18,6 +18,7 @@ import time
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_vlae.evaluation.likelihood import importance_log_likelihood
@@ -130,15 +131,17 @@ def recon_logpdf(model, raw, x):
 def hand_loss(model, guide, x, kl_scale):
     """``-ELBO`` with latent terms scaled by ``kl_scale``, summed over the batch, as ``Trace_ELBO`` computes it.
 
-    Draws the noise in the guide's site order (z1, z2, ...) so a fixed seed gives Pyro's samples.
+    Draws the noise in the guide's site order (:func:`guide_site_order`) so a fixed seed gives Pyro's samples.
     """
     kl = x.new_zeros(())
     if hasattr(model, "decode"):  # VLAE: q(z_l | x) for every layer, prior N(0, I)
-        zs = []
-        for loc, scale in guide.posterior(x):
+        posterior = guide.posterior(x)
+        zs = [None] * len(posterior)
+        for l in getattr(guide, "site_order_", range(len(posterior))):
+            loc, scale = posterior[l]
             z = loc + scale * torch.randn_like(loc)
             kl = kl + (normal_logpdf(z, loc, scale) + 0.5 * z**2 + HALF_LOG_2PI).sum()
-            zs.append(z)
+            zs[l] = z
         raw = model.decode(zs)
     else:  # Markov / autoregressive HVAE: q(z_1|x) q(z_l|z_{l-1}), p(z_L) p(z_l|z_{l+1})
         zs, h = [], x
@@ -195,12 +198,25 @@ def count_flops(model, guide, x) -> int:
     return counter.get_total_flops()
 
 
-def make_case(kind, preset_name, device, seed=0):
+def guide_site_order(guide, x) -> list:
+    """Indices ``l - 1`` of the latent sites ``z_l`` in the order the guide samples them (one traced call in eval mode,
+    on a forked random stream: nothing the timing or the loss check sees changes)."""
+    was = guide.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        guide.eval()
+        names = [n for n, site in poutine.trace(guide).get_trace(x[:2]).nodes.items() if site["type"] == "sample"]
+    guide.train(was)
+    return [int(n[1:]) - 1 for n in names if n.startswith("z") and n[1:].isdigit()]
+
+
+def make_case(kind, preset_name, device, seed=0, batch=BATCH):
     preset = get_preset(preset_name)
     config = RunConfig(model_kind=kind, dataset="mnist", preset=preset_name, model=preset.model, train=preset.train)
     pyro.set_rng_seed(seed)
     model, guide, _, svi = build(config, device)
-    x = torch.rand(BATCH, *preset.model.image_shape, device=device)  # timing does not depend on pixel values
+    x = torch.rand(batch, *preset.model.image_shape, device=device)  # timing does not depend on pixel values
+    guide.site_order_ = guide_site_order(guide, x)  # read by hand_loss
     return model, guide, svi, x, preset.train.lr
 
 

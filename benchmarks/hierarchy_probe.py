@@ -5,7 +5,7 @@ digit classifier's prediction changes against the group's first image, plus the 
 compare schedules for the CPU-sized default job; see benchmarks/RESULTS.md.  The model is the one trained up to the
 checkpoint, with the ladder gains of its fade-in (printed as ``ladder_gain``, for z1 .. z(L-1)).
 
-    python benchmarks/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers]
+    python benchmarks/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers] [--device cuda]
 """
 
 import argparse
@@ -24,11 +24,14 @@ def main(argv=None):
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", default="latest.pt")
     p.add_argument("--cache", default="data/classifiers", help="classifier cache folder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (model, and classifier training on a cache miss)")
     args = p.parse_args(argv)
-    model, guide, cfg, state = load_run(args.run_dir, checkpoint=args.checkpoint)
+    model, guide, cfg, state = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint)
     bundle = load_data(cfg.dataset, cfg.data_dir, 100)
     (x, y), (xt, yt) = bundle.tensors("train"), bundle.tensors("test")
-    clf, info = get_classifier(x, y, num_classes=10, cache_dir=args.cache, x_test=xt, y_test=yt, log=lambda *a: None)
+    clf, info = get_classifier(
+        x, y, num_classes=10, cache_dir=args.cache, x_test=xt, y_test=yt, device=args.device, log=lambda *a: None
+    )
     g = torch.Generator().manual_seed(0)
     out = {"step": state["step"], "classifier_accuracy": info["test_accuracy"], "class_change": {}}
     if hasattr(model, "ladder_gain"):

@@ -186,7 +186,9 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU of the machine that saved it: a machine with fewer GPUs restores those it has (setting
+        # the state of a GPU that does not exist fails when CUDA starts).
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
 
 
 def _py_state_to_list(st):

@@ -19,12 +19,15 @@ setup(
         "pyro_vlae.evaluation",
         "pyro_vlae.models",
         "pyro_vlae.guides",
+        "pyro_vlae.pretrained",
     ],
     package_dir={
         "pyro_vlae": "pyro_vlae",
         "pyro_vlae.models": "models",
         "pyro_vlae.guides": "guides",
     },
+    # the shipped weights and their provenance, one folder (pyro_vlae/pretrained/), in every kind of install
+    package_data={"pyro_vlae.pretrained": ["*.pt", "*.json"]},
     install_requires=[
         "pyro-ppl>=1.8",
         "torch>=2.1",

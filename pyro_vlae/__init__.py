@@ -7,6 +7,7 @@ Zhao, Song & Ermon (2017), *Learning Hierarchical Features from Generative Model
     bundle = pv.load_data("mnist")                       # data
     model = pv.get_model("vlae", pv.get_preset("mnist-cpu").model)
     model, guide, config, state = pv.load_run("runs/vlae_mnist_seed0_...")
+    model, guide = pv.load_pretrained("vlae-mnist")      # the shipped default job, offline
     same_digit = pv.fix_layers(model, {"z3": code})       # poutine.condition on the named layers
     images = same_digit(batch_size=16)
 
@@ -49,6 +50,7 @@ from .guides import GUIDES, get_guide
 from .models import MODELS, get_model
 from .nets import ModelConfig
 from .presets import PRESETS, TrainConfig, get_preset
+from .pretrained import load_pretrained
 from .training import FusedAdam, RunConfig, build, fit, load_run, resolve_device
 
 __version__ = "0.1.0"
@@ -84,6 +86,7 @@ __all__ = [
     "latent_shapes",
     "latent_sites",
     "load_data",
+    "load_pretrained",
     "load_run",
     "mig",
     "resolve_device",

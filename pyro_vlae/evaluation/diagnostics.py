@@ -6,7 +6,9 @@
 * ``"gibbs"`` (:func:`gibbs_diagnostics`): several chains of Eq. 6 (bottom layer) and Eq. 16 (every layer) started at
   different test images, with ArviZ's rank-normalised split R-hat and effective sample sizes of per-step summary
   statistics, and, with a classifier, a Fréchet distance of the chain's samples to test images beside that of
-  ancestral samples (Fig. 2 in numbers).
+  ancestral samples (Fig. 2 in numbers), and a collapse check (:func:`chain_collapse`): a chain whose states lost
+  the data's pixel variance or class diversity, or whose Fréchet distance blew up, is flagged and never reported as
+  converged, whatever its R-hat.
 """
 
 from __future__ import annotations
@@ -132,6 +134,98 @@ def layer_diagnostics(
     return jsonable(out)
 
 
+#: Collapse thresholds of :func:`chain_collapse`: the chain's states have under a quarter of the data's pixel
+#: variance, under half of the entropy of its predicted classes, or a Fréchet distance over three times the baseline's.
+COLLAPSE_VARIANCE_RATIO = 0.25
+COLLAPSE_ENTROPY_RATIO = 0.5
+COLLAPSE_FD_RATIO = 3.0
+
+
+def pixel_variance(x: torch.Tensor) -> float:
+    """Variance of each pixel across the images ``(N, ...)``, averaged over pixels."""
+    return x.detach().flatten(1).double().var(0, unbiased=False).mean().item()
+
+
+def class_entropy(pred: torch.Tensor, num_classes: int) -> float:
+    """Entropy (nats) of the frequencies of the predicted classes ``pred`` (``(N,)`` integers)."""
+    p = torch.bincount(pred.flatten().long().cpu(), minlength=num_classes).double()
+    p = p[p > 0] / p.sum()
+    return float(-(p * p.log()).sum()) + 0.0  # + 0.0: no negative zero for a single class
+
+
+def chain_collapse(images, reference, classifier=None, fd=None, fd_baseline=None) -> dict:
+    """Whether a chain's states ``images`` collapsed, judged against ``reference`` data images.
+
+    Three measured signs, each a ratio to the data's (or the baseline's) value:
+
+    * ``pixel_variance_ratio``: :func:`pixel_variance` of the states over that of ``reference``; a chain stuck on one
+      image, or on black images, has almost none;
+    * ``class_entropy_ratio`` (with a classifier): entropy of the states' predicted classes over that of the
+      reference's; a chain that fell into one or two digits has little;
+    * ``fd_ratio`` (with ``fd`` and ``fd_baseline``): the chain's Fréchet distance over the baseline's (ancestral
+      samples), which blows up when the states leave the data.
+
+    ``collapsed`` is true when any ratio is past its threshold (:data:`COLLAPSE_VARIANCE_RATIO`,
+    :data:`COLLAPSE_ENTROPY_RATIO`, :data:`COLLAPSE_FD_RATIO`; the first two count only where the data have a pixel
+    variance above 1e-6 and a class entropy above 0.1 nats); ``reasons`` says which, in words.  A collapsed chain
+    is not a sample of the data distribution, even when its R-hat is near 1 (chains that agree on a degenerate state
+    mix perfectly).
+
+    :param images: chain states ``(N, C, H, W)`` (the same kind of image as ``reference``).
+    :param reference: data images ``(M, C, H, W)``.
+    :param classifier: optional classifier on images in ``[0, 1]``.
+    :param fd: optional Fréchet distance of the states to the data.
+    :param fd_baseline: the baseline's Fréchet distance (ancestral samples) to the same data.
+    """
+    out = {"pixel_variance": pixel_variance(images), "data_pixel_variance": pixel_variance(reference)}
+    out["pixel_variance_ratio"] = out["pixel_variance"] / max(out["data_pixel_variance"], 1e-12)
+    reasons = []
+    if out["data_pixel_variance"] > 1e-6 and out["pixel_variance_ratio"] < COLLAPSE_VARIANCE_RATIO:
+        reasons.append(f"pixel variance {out['pixel_variance_ratio']:.2f} of the data's")
+    if classifier is not None:
+        probs_chain, probs_data = _class_probs(classifier, images), _class_probs(classifier, reference)
+        k = probs_chain.shape[-1]
+        out["class_entropy"] = class_entropy(probs_chain.argmax(-1), k)
+        out["data_class_entropy"] = class_entropy(probs_data.argmax(-1), k)
+        out["class_entropy_ratio"] = out["class_entropy"] / max(out["data_class_entropy"], 1e-12)
+        if out["data_class_entropy"] > 0.1 and out["class_entropy_ratio"] < COLLAPSE_ENTROPY_RATIO:
+            reasons.append(f"class entropy {out['class_entropy_ratio']:.2f} of the data's")
+    if fd is not None and fd_baseline is not None and math.isfinite(fd) and fd_baseline > 0:
+        out["fd_ratio"] = float(fd) / float(fd_baseline)
+        if out["fd_ratio"] > COLLAPSE_FD_RATIO:
+            reasons.append(f"Fréchet distance {out['fd_ratio']:.1f}x the ancestral samples'")
+    out["collapsed"] = bool(reasons)
+    out["reasons"] = reasons
+    out["thresholds"] = {
+        "pixel_variance_ratio": COLLAPSE_VARIANCE_RATIO,
+        "class_entropy_ratio": COLLAPSE_ENTROPY_RATIO,
+        "fd_ratio": COLLAPSE_FD_RATIO,
+    }
+    return jsonable(out)
+
+
+def collapse_summary(gibbs) -> str | None:
+    """One sentence on the Gibbs chains' collapse check from a ``gibbs`` block of ``eval.json``, or ``None``."""
+    chains = gibbs.get("chains") if isinstance(gibbs, dict) else None
+    if not isinstance(chains, dict):
+        return None
+    checked = {
+        n: b["collapse"] for n, b in chains.items() if isinstance(b, dict) and isinstance(b.get("collapse"), dict)
+    }
+    if not checked:
+        return None
+    checked = dict(sorted(checked.items(), key=lambda kv: (kv[0] != "z1", kv[0])))  # the bottom-layer chain first
+    bad = {n: c for n, c in checked.items() if c.get("collapsed")}
+    if not bad:
+        return (
+            "Gibbs chains: no collapse detected (keeping "
+            + ", ".join(checked)
+            + "); compare their Fréchet distance with the ancestral samples' before calling them converged."
+        )
+    parts = [f"keeping {n}: " + "; ".join(c.get("reasons") or ["collapsed"]) for n, c in bad.items()]
+    return "Gibbs chain COLLAPSED, not converged (" + "; ".join(parts) + ")."
+
+
 def _chain_block(result, burn_in: int, classifier, starts) -> tuple:
     """Summaries of one batch of chains after ``burn_in`` steps; also returns the kept mean images."""
     means = result.means[burn_in:]  # (draws, chains, C, H, W)
@@ -166,7 +260,10 @@ def gibbs_diagnostics(
     After ``burn_in`` steps (default half), each step's state is summarised by the mean intensity of the mean image
     of ``p(x|z^{(t)})``, each coordinate of the kept codes, and with a classifier the predicted probability of every
     class.  Each summary is a ``(chain, draw)`` array given to :func:`chain_summary`; ``max_rhat`` and
-    ``min_ess_bulk`` are the worst over summaries.  R-hat near 1 says the chains forgot their different starts.
+    ``min_ess_bulk`` are the worst over summaries.  R-hat near 1 says the chains forgot their different starts; it
+    does not say they reached the data distribution.  Each chain block therefore holds a ``collapse`` check
+    (:func:`chain_collapse` of its post-burn-in mean images against ``x_test``) and the whole block a
+    ``collapse_detected`` flag.
 
     With a classifier each chain block also holds the rate at which the predicted class changes from one step to the
     next (``class_switch_rate``) and the share of post-burn-in states still classified as their chain's start image
@@ -212,6 +309,11 @@ def gibbs_diagnostics(
             fd[f"gibbs_{name}"] = frechet_distance(extract_features(classifier, imgs), ref)
         fd["ancestral"] = frechet_distance(extract_features(classifier, ancestral_means(model, n, seed=seed)), ref)
         out["frechet_distance"] = fd
+    for name, imgs in kept_images.items():
+        fd_chain = out.get("frechet_distance", {}).get(f"gibbs_{name}")
+        fd_base = out.get("frechet_distance", {}).get("ancestral")
+        out["chains"][name]["collapse"] = chain_collapse(imgs, x_test, classifier, fd_chain, fd_base)
+    out["collapse_detected"] = any(b["collapse"]["collapsed"] for b in out["chains"].values())
     return jsonable(out)
 
 

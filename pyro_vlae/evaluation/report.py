@@ -246,6 +246,41 @@ def _classifier_section(ev, gibbs) -> list:
     return lines + [""]
 
 
+_COLLAPSE_COLS = ("pixel_variance_ratio", "class_entropy_ratio", "fd_ratio")
+
+
+def _collapse_lines(collapse: dict) -> list:
+    """The collapse verdict in words, first, so that a collapsed chain is never read as converged."""
+    bad = {n: c for n, c in sorted(collapse.items(), key=lambda kv: (kv[0] != "z1", kv[0])) if c.get("collapsed")}
+    if not bad:
+        return [f"No collapse detected in the chains keeping {', '.join(collapse)}.", ""] if collapse else []
+    out = []
+    for name, c in bad.items():
+        why = "; ".join(c.get("reasons") or ["collapse flagged"])
+        out.append(
+            f"**The Gibbs chain keeping {name} collapsed ({why}): it is not converged, and its states are not "
+            "samples of the data distribution.**"
+        )
+        out.append("")
+    return out
+
+
+def _collapse_note(collapse: dict) -> str:
+    if not collapse:
+        return "No collapse check was recorded for these chains."
+    t = next((c["thresholds"] for c in collapse.values() if isinstance(c.get("thresholds"), dict)), None)
+    note = "Ratios: the chain's pixel variance and class entropy over the test images', its Fréchet distance over the "
+    note += "ancestral samples'" + (
+        f"; a chain is flagged as collapsed below {fmt(t.get('pixel_variance_ratio'))}, below "
+        f"{fmt(t.get('class_entropy_ratio'))} or above {fmt(t.get('fd_ratio'))}."
+        if t
+        else "."
+    )
+    if any(c.get("collapsed") for c in collapse.values()):
+        note += " Here a chain collapsed, so these R-hat and ESS values are no evidence of convergence to the data."
+    return note
+
+
 def _gibbs_section(gibbs) -> list:
     if not isinstance(gibbs, dict) or not gibbs:
         return []
@@ -259,10 +294,19 @@ def _gibbs_section(gibbs) -> list:
         for block in chains.values():
             cols += [k for k, v in block.items() if _is_number(v) and k not in cols]
         rows = [[name] + [block.get(c) for c in cols] for name, block in chains.items()]
-        lines += _table(["chain keeps"] + [_label(c) for c in cols], rows)
+        collapse = {n: b["collapse"] for n, b in chains.items() if isinstance(b.get("collapse"), dict)}
+        ccols = [c for c in _COLLAPSE_COLS if any(_is_number(v.get(c)) for v in collapse.values())]
+        if collapse:
+            rows = [r + [collapse.get(r[0], {}).get(c) for c in ccols] + [collapse.get(r[0], {}).get("collapsed")]
+                    for r in rows]  # fmt: skip
+        head = [_label(c) for c in cols] + ([_label(c) for c in ccols] + ["collapsed"] if collapse else [])
+        lines += _collapse_lines(collapse)
+        lines += _table(["chain keeps"] + head, rows)
         lines += [
-            "R-hat near 1 and a large effective sample size say the chains, started at different test images, "
-            "forgot their starts (worst over the tracked statistics: mean intensity, each code, class probabilities).",
+            "R-hat near 1 and a large effective sample size say only that the chains, started at different test "
+            "images, forgot their starts (worst over the tracked statistics: mean intensity, each code, class "
+            "probabilities); chains that all fall into the same degenerate state agree too. "
+            + _collapse_note(collapse),
             "",
         ]
     else:

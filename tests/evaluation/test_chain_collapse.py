@@ -1,0 +1,114 @@
+"""Collapse detection of Gibbs chains: a chain stuck on black images or on one or two digits is flagged, in eval.json,
+in report.md and in the run's summary line; a chain whose states are real data images is not."""
+
+import dataclasses
+import math
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+from pyro_vlae.data.loaders import make_synthetic
+from pyro_vlae.evaluation import diagnostics as D
+from pyro_vlae.evaluation import report as R
+from pyro_vlae.guides import get_guide
+from pyro_vlae.models import get_model
+from pyro_vlae.presets import get_preset
+from pyro_vlae.training.runs import RunConfig
+
+
+class TemplateClassifier(nn.Module):
+    """Logits ``<x, mean image of class k>``: a fixed nearest-template classifier of the synthetic bars."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        means = torch.stack([x[y == k].mean(0).flatten() for k in range(10)])
+        self.w = nn.Parameter(means - means.mean(1, keepdim=True), requires_grad=False)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.T
+
+    def features(self, x):  # the Fréchet distance's feature space: the logits
+        return self.forward(x)
+
+
+@pytest.fixture(scope="module")
+def bars():
+    x, y = make_synthetic(600, seed=0)
+    return x, y, TemplateClassifier(x, y)
+
+
+def test_template_classifier_reads_the_bars(bars):
+    x, y, clf = bars
+    assert (clf(x).argmax(-1) == y).double().mean() > 0.95
+
+
+def test_black_chain_is_flagged(bars):
+    x, _, clf = bars
+    out = D.chain_collapse(torch.zeros(200, 1, 16, 16), x, clf)
+    assert out["collapsed"]
+    assert out["pixel_variance_ratio"] == 0.0 and out["class_entropy"] == 0.0
+    assert any("pixel variance" in r for r in out["reasons"]) and any("class entropy" in r for r in out["reasons"])
+
+
+def test_chain_of_real_data_is_not_flagged(bars):
+    x, _, clf = bars
+    out = D.chain_collapse(x[:300], x[300:], clf, fd=12.0, fd_baseline=10.0)
+    assert not out["collapsed"] and out["reasons"] == []
+    assert out["pixel_variance_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert out["class_entropy_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert out["fd_ratio"] == pytest.approx(1.2)
+
+
+def test_chain_stuck_on_two_digits_is_flagged_by_class_entropy(bars):
+    """Real images of classes 0 and 1 only, in equal numbers: entropy log 2 against log 10 for balanced classes."""
+    x, y, clf = bars
+    two = x[(y == 0) | (y == 1)]
+    out = D.chain_collapse(two, x, clf)
+    assert out["class_entropy"] == pytest.approx(math.log(2), abs=0.01)
+    assert out["data_class_entropy"] == pytest.approx(math.log(10), abs=0.02)
+    assert out["collapsed"] and any("class entropy" in r for r in out["reasons"])
+
+
+def test_blown_up_frechet_distance_is_flagged(bars):
+    x, _, _ = bars
+    assert D.chain_collapse(x[:300], x[300:], fd=400.0, fd_baseline=100.0)["collapsed"]
+    assert not D.chain_collapse(x[:300], x[300:], fd=250.0, fd_baseline=100.0)["collapsed"]
+
+
+def test_class_entropy_closed_form():
+    pred = torch.tensor([0, 0, 1, 2])  # frequencies 1/2, 1/4, 1/4
+    assert D.class_entropy(pred, 10) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+
+
+def _black_decoder_pair():
+    """The tiny HVAE with a decoder whose mean image is black whatever z1: its Gibbs chain collapses at once."""
+    pyro.clear_param_store()
+    cfg = dataclasses.replace(get_preset("tiny").model, likelihood="gaussian", obs_scale=1e-3)
+    model, guide = get_model("hvae", cfg), get_guide("hvae", cfg)
+    last = [m for m in model.decoder.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-30.0)  # sigmoid(-30): black
+    return model, guide, RunConfig("hvae", "synthetic", "tiny", cfg, get_preset("tiny").train)
+
+
+def test_collapsed_chain_reaches_eval_json_report_and_summary(bars):
+    x, _, clf = bars
+    model, guide, config = _black_decoder_pair()
+    gibbs = D.gibbs_diagnostics(model, guide, config, x[:100], classifier=clf, num_chains=4, num_steps=8)
+    assert gibbs["collapse_detected"] is True
+    assert gibbs["chains"]["z1"]["collapse"]["collapsed"]
+    text = "\n".join(R._gibbs_section(gibbs))
+    assert "collapsed" in text and "not converged" in text
+    assert "COLLAPSED" in D.collapse_summary(gibbs)
+
+
+def test_healthy_gibbs_block_reads_as_not_collapsed():
+    block = {"max_rhat": 1.01, "collapse": {"collapsed": False, "reasons": [], "pixel_variance_ratio": 0.9}}
+    gibbs = {"num_chains": 8, "chains": {"z1": block}, "collapse_detected": False}
+    text = "\n".join(R._gibbs_section(gibbs))
+    assert "No collapse detected" in text and "collapsed (" not in text
+    assert D.collapse_summary(gibbs).startswith("Gibbs chains: no collapse detected")
+    assert D.collapse_summary({"num_chains": 8}) is None  # an eval.json from before the check

@@ -199,6 +199,31 @@ register(
     )
 )
 
+# --- Appendix B.1: the Gaussian HVAE's own settings (Fig. 2 and 3).  f_l (l = 1, 2) two dense layers with the
+# W1 / W2 heads (mean, sigmoid standard deviation), f_0 two stride-2 (transposed) convolutions, Adam 1e-4 and the KL
+# scale annealed from 0 to 1.  B.1 gives no widths or code sizes: codes of 32 / 16 / 8 are large enough to
+# reconstruct binarised MNIST (benchmarks/gibbs_mnist.py measures it), and small convolutions keep 50 epochs on CPU.
+_B1_TRAIN = TrainConfig(num_steps=30000, lr=1e-4, anneal="linear:6000", batch_size=100, log_every=200)
+for _name, _lik, _scale, _desc in (
+    ("mnist-hvae-b1", "gaussian", 0.1, "Gaussian likelihood with fixed sigma = 0.1"),
+    ("mnist-hvae-b1-learned", "gaussian-learned", 0.1, "Gaussian likelihood with a learned sigma (starts at 0.1)"),
+    ("mnist-hvae-b1-bernoulli", "bernoulli", 1.0, "Bernoulli likelihood on dynamically binarised MNIST (Fig. 2)"),
+):
+    register(
+        _preset(
+            _name,
+            f"Appendix B.1 Markov HVAE on MNIST: conv 16-32, dense 512, codes 32 / 16 / 8, {_desc}; Adam 1e-4, "
+            "KL scale annealed linearly from 0 to 1 over 6000 steps, 30000 steps (50 epochs)",
+            dataclasses.replace(_B1_TRAIN),
+            image_shape=(1, 28, 28),
+            latent_dims=(32, 16, 8),
+            channels=(16, 32),
+            hidden=512,
+            likelihood=_lik,
+            obs_scale=_scale,
+        )
+    )
+
 #: Preset used when ``--preset`` is not given, by dataset and by whether a GPU is present.
 DEFAULT_PRESETS = {
     "mnist": ("mnist-cpu", "mnist"),

@@ -19,7 +19,7 @@ from .guides import GUIDES
 from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
-from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_objective, check_settings, load_weights
+from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights
 
 
 def _int_at_least(lowest: int, what: str):
@@ -181,7 +181,7 @@ def check_flags(kind: str, args) -> None:
 def _checked(config: RunConfig, args, from_preset: bool) -> RunConfig:
     """:func:`check_flags`; for a new run (``from_preset``), replace the preset's settings that the model cannot use
     and no flag named (a fade-in without a ladder, meanfield for the stacked HVAEs) by the defaults, so that the saved
-    config says what is trained; then :func:`~pyro_vlae.training.runs.check_objective` on the result.
+    config says what is trained; then :func:`~pyro_vlae.training.runs.check_settings` on the result.
 
     :raises ValueError: naming the flag and the fix.
     """
@@ -192,7 +192,7 @@ def _checked(config: RunConfig, args, from_preset: bool) -> RunConfig:
         config.train = dataclasses.replace(config.train, fade_in=0)
     if from_preset and kind not in MEANFIELD_MODELS and "elbo" not in train_over and config.train.elbo == "meanfield":
         config.train = dataclasses.replace(config.train, elbo="trace")
-    check_objective(config)
+    check_settings(kind, config.train.elbo, config.model.beta, config.train.fade_in)
     return config
 
 

@@ -177,3 +177,4 @@ def test_factor_datasets_get_disentanglement_at_their_preset_size(tmp_path, data
     assert dis["factor_names"] == list(bundle.factor_names) and dis["n_samples_total"] == 60
     assert {"mig", "sap", "dci_disentanglement"} <= set(dis["overall"]["summary"])
     assert set(dis["layers"]) == {"z1", "z2", "z3"}
+    assert "DCI from the LDA variant, not comparable" in (tmp_path / "run" / "report.md").read_text()

@@ -331,9 +331,11 @@ def _disentanglement_section(dis) -> list:
         rows = [[layer] + list(a["mi_mass"][i]) for i, layer in enumerate(a["layers"])]
         rows.append(["assigned layer"] + [a["assigned_layer"].get(f, "-") for f in a["factors"]])
         lines += _table(["layer"] + list(a["factors"]), rows)
+    lda = (dis.get("settings") or {}).get("dci_estimator") == "lda"
+    dci = "DCI from the LDA variant, not comparable with published DCI" if lda else "DCI from gradient-boosted trees"
     lines.append(
-        f"{dis.get('n_samples')} test items; MIG, SAP and DCI as defined in disentanglement_lib (DCI from "
-        "gradient-boosted trees, SAP from a linear SVM on each code dim; see `pyro_vlae.evaluation.disentangle`)."
+        f"{dis.get('n_samples')} test items; MIG, SAP and DCI as defined in disentanglement_lib ({dci}, SAP from a "
+        "linear SVM on each code dim; see `pyro_vlae.evaluation.disentangle`)."
     )
     return lines + [""]
 

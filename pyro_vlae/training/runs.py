@@ -80,23 +80,27 @@ MEANFIELD_MODELS = ("vlae", "vae")
 
 
 def check_objective(config: RunConfig) -> None:
-    """Refuse settings under which training would optimise something other than the objective asked for.
+    """Refuse a config under which training would optimise something other than the ELBO: ``elbo="meanfield"`` for
+    the stacked HVAEs (Pyro's analytic KL for ``z_l`` holds the model's parent ``z_{l+1}`` fixed, but the guide draws
+    ``z_{l+1}`` from ``q(z_{l+1}|z_l)``, so the sum is not the ELBO).
 
-    * ``elbo="meanfield"`` for the stacked HVAEs: Pyro's analytic KL for ``z_l`` holds the model's parent ``z_{l+1}``
-      fixed, but the guide draws ``z_{l+1}`` from ``q(z_{l+1}|z_l)``, so the sum is not the ELBO.
-    * ``beta != 1`` for any model but the flat ``vae`` (the only one that reads it).
-    * ``fade_in > 0`` for any model but the ``vlae`` (the only one with ladder gains).
-
-    Called when a run is configured and at the start of :func:`pyro_vlae.training.loop.fit`, not by :func:`build`,
-    so that runs saved before these checks still load for evaluation.
+    Called at the start of :func:`pyro_vlae.training.loop.fit`, not by :func:`build`, so that runs saved before this
+    check still load for evaluation.  Settings a model merely ignores (``beta`` outside the ``vae``, ``fade_in``
+    outside the ``vlae``, as the presets carry them) are left to the command line, which refuses them as flags
+    (:func:`check_settings`).
 
     :raises ValueError: naming the setting and the fix.
     """
-    check_settings(config.model_kind, config.train.elbo, config.model.beta, config.train.fade_in)
+    check_settings(config.model_kind, config.train.elbo)
 
 
 def check_settings(kind: str, elbo: str = "trace", beta: float = 1.0, fade_in: int = 0) -> None:
-    """:func:`check_objective` on the settings themselves (the command line checks its flags before reading data)."""
+    """Refuse ``elbo`` as :func:`check_objective` does, and settings that ``kind`` would ignore: ``beta != 1`` for any
+    model but the flat ``vae`` (the only one that reads it), ``fade_in > 0`` for any model but the ``vlae`` (the only
+    one with ladder gains).  The command line checks its flags with it before reading data.
+
+    :raises ValueError: naming the flag and the fix.
+    """
     if elbo == "meanfield" and kind not in MEANFIELD_MODELS:
         raise ValueError(
             f"--elbo meanfield is valid for {' and '.join(MEANFIELD_MODELS)} only, whose guides draw every layer from "

@@ -23,22 +23,35 @@ def config(kind, *, beta=1.0, **train):
     )
 
 
+@pytest.mark.parametrize("kind", ["hvae", "hvae-ar"])
+def test_fit_refuses_meanfield_for_the_stacked_hvaes(tmp_path, kind):
+    with pytest.raises(ValueError, match="--elbo meanfield is valid for vlae and vae only"):
+        T.fit(config(kind, elbo="meanfield"), None, str(tmp_path / "run"), "cpu", progress=False)
+    assert not os.path.exists(tmp_path / "run")  # refused before anything is written
+
+
 @pytest.mark.parametrize(
     "kind, settings, message",
     [
-        ("hvae", {"elbo": "meanfield"}, "--elbo meanfield is valid for vlae and vae only"),
-        ("hvae-ar", {"elbo": "meanfield"}, "--elbo meanfield is valid for vlae and vae only"),
         ("vlae", {"beta": 4.0}, "--beta 4.0 weights the KL of the flat vae only"),
         ("hvae", {"beta": 4.0}, "--anneal const:4.0"),
         ("hvae", {"fade_in": 5}, "--fade-in 5 fades in the ladder inputs of the vlae only"),
         ("vae", {"fade_in": 5}, "--fade-in 5"),
     ],
-    ids=["hvae-meanfield", "hvae-ar-meanfield", "vlae-beta", "hvae-beta", "hvae-fade-in", "vae-fade-in"],
+    ids=["vlae-beta", "hvae-beta", "hvae-fade-in", "vae-fade-in"],
 )
-def test_fit_refuses_settings_that_are_not_the_objective_asked_for(tmp_path, kind, settings, message):
+def test_settings_a_model_ignores_are_refused_as_flags(kind, settings, message):
     with pytest.raises(ValueError, match=message):
-        T.fit(config(kind, **settings), None, str(tmp_path / "run"), "cpu", progress=False)
-    assert not os.path.exists(tmp_path / "run")  # refused before anything is written
+        TR.check_settings(kind, settings.get("elbo", "trace"), settings.get("beta", 1.0), settings.get("fade_in", 0))
+
+
+@pytest.mark.parametrize("kind", ["hvae", "hvae-ar", "vae"])
+@pytest.mark.parametrize("preset", ["mnist-cpu", "mnist"])
+def test_fit_takes_the_shipped_presets_for_every_model(kind, preset):
+    """The presets carry a fade-in (the vlae's) that other models ignore: the library's fit must accept them."""
+    p = get_preset(preset)
+    assert p.train.fade_in > 0  # the case this guards
+    TR.check_objective(TR.RunConfig(kind, "mnist", preset, p.model, p.train))
 
 
 @pytest.mark.parametrize(

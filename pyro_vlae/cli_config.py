@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="importance samples K of the end-of-run "
         "evaluation (python -m pyro_vlae.evaluate RUN_DIR --num-samples 1000 for a tight bound)",
     )
+    p.add_argument(
+        "--eval-dci",
+        choices=["gbt", "lda"],
+        default="gbt",
+        help="DCI importances of the end-of-run disentanglement scores (sprites, shapes3d): gbt, disentanglement_lib's "
+        "gradient-boosted trees (minutes on a CPU; default), or lda, a fast variant not comparable with published DCI",
+    )
     p.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     return p
 

@@ -230,6 +230,7 @@ def _finish(run_dir, config, bundle, result, device, args) -> int:
             run_dir,
             num_samples=args.eval_samples,
             max_images=1000,
+            dci_estimator=args.eval_dci,
             device=str(device),
             log=lambda msg: print(msg, flush=True),
         )

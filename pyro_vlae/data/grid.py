@@ -35,6 +35,10 @@ class FactorGridDataset(Dataset):
         flat = self.indices if items is None else self.indices[np.asarray(items)]
         return np.stack(np.unravel_index(flat, self.factor_sizes), axis=-1).astype(np.int64)
 
+    def images(self, items) -> torch.Tensor:
+        """The images ``(N, C, size, size)`` of the given items, rendered in one call."""
+        return torch.from_numpy(self.render(self.factors(items), self.size))
+
     def __getitems__(self, items) -> list:
         f = self.factors(items)
         return list(zip(torch.from_numpy(self.render(f, self.size)), torch.from_numpy(f)))

@@ -87,9 +87,12 @@ class BatchOrder:
 
 
 def fetch_batch(dataset, idx: torch.Tensor, tensors=None) -> torch.Tensor:
-    """Images of ``dataset`` at ``idx``: tensor indexing when the data is in memory, item by item otherwise."""
+    """Images of ``dataset`` at ``idx``: tensor indexing when the data is in memory, one rendering call for the
+    procedural datasets (:class:`~pyro_vlae.data.grid.FactorGridDataset`), item by item otherwise."""
     if tensors is not None:
         return tensors[0][idx]
+    if hasattr(dataset, "images"):
+        return dataset.images(idx.numpy())
     return torch.stack([dataset[int(i)][0] for i in idx])
 
 

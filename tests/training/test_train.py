@@ -234,3 +234,11 @@ def test_every_network_parameter_moves_in_training(bundle, tmp_path, monkeypatch
     assert init and init.keys() <= after.keys()
     frozen = [n for n in init if torch.equal(init[n], after[n])]
     assert not frozen, f"parameters that never moved: {frozen}"
+
+
+@pytest.mark.parametrize("name", ["sprites", "shapes3d"])
+def test_fetch_batch_renders_procedural_data_in_one_call_with_the_same_images(name):
+    bundle = load_data(name, "unused", 8, **{f"{name}_size": 32})
+    idx = torch.tensor([5, 0, 17, 3, 3])
+    one_call = T.fetch_batch(bundle.train, idx)
+    assert torch.equal(one_call, torch.stack([bundle.train[int(i)][0] for i in idx]))

@@ -168,12 +168,20 @@ class Part:
             if termed is None and now - self.t0 > self.timeout_s:
                 self._signal(signal.SIGTERM, f"timed out after {self.timeout_s:.0f} s")
                 termed = now
-            elif termed is None and self.stop is not None and self.stop():
+            elif termed is None and self.stop is not None and self._stop_now():
                 self._signal(signal.SIGTERM, "stopped by SIGTERM as planned")
                 termed = now
             elif termed is not None and now - termed > GRACE_S:
                 self._signal(signal.SIGKILL, f"killed {GRACE_S} s after SIGTERM")
             time.sleep(0.5)
+
+    def _stop_now(self) -> bool:
+        """The planned-stop callback; an error in it must not end the watcher (the timeout and kill would go too)."""
+        try:
+            return bool(self.stop())
+        except Exception as e:  # noqa: BLE001 - any failure of the callback only postpones the planned stop
+            self.stop_error = f"{type(e).__name__}: {e}"
+            return False
 
     def wait(self) -> dict:
         self.watcher.join()
@@ -182,8 +190,9 @@ class Part:
         res = {"command": self.command, "rc": self.proc.returncode, "seconds": round(t1 - self.t0, 1)}
         if self.signalled:
             res["signal"] = self.signalled
+        res.update({"stop_error": self.stop_error} if getattr(self, "stop_error", None) else {})
         if self.peak_file.exists():
-            res["peak_gpu"] = json.loads(self.peak_file.read_text())
+            res["peak_gpu"] = _read_json(self.peak_file)
         res.update(self.check.sampler.window(self.t0, t1))
         return res
 
@@ -266,7 +275,11 @@ def _status(res, ok: bool, why: str = "") -> dict:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The JSON object in ``path``; ``{}`` when it is missing or cut short (a part killed while writing)."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return {}
 
 
 def run_check(args) -> int:

@@ -38,9 +38,15 @@ def speed_rate(speed_json: Path, dry_run: bool) -> float | None:
 
 
 def metrics_steps(run_dir: Path) -> int:
+    """The last logged step of a run that may still be writing: only complete lines count."""
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
+    text = path.read_text() if path.exists() else ""
+    for line in reversed(text[: text.rfind("\n") + 1].splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
 
 
 def _f(v, fmt="{:.3f}"):

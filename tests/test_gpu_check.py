@@ -151,3 +151,17 @@ def test_without_a_gpu_the_real_check_stops_with_a_clear_error(tmp_path):
     proc = subprocess.run(cmd + ["--work-dir", str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no CUDA device is visible")
     assert "no CUDA device" in json.loads((tmp_path / "out" / "summary.json").read_text())["error"]
+
+
+def test_a_failing_stop_callback_leaves_the_timeout_and_kill_in_force(check, tmp_path, monkeypatch):
+    """A stop check that raises (e.g. on a half-written metrics line) must not end the watcher."""
+    monkeypatch.setattr(GC, "GRACE_S", 1)
+    target = child(tmp_path, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n")
+    res = GC.Part(check, "hang", target, [], timeout_s=2, stop=lambda: json.loads('{"step": 1')).wait()
+    assert res["rc"] == -9 and res["signal"].startswith("timed out") and res["stop_error"].startswith("JSONDecodeError")
+
+
+def test_the_step_count_of_a_run_still_writing_ignores_its_cut_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n{"step": 3')
+    assert GR.metrics_steps(tmp_path) == 20
+    assert GR.metrics_steps(tmp_path / "missing") == 0

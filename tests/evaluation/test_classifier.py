@@ -1,4 +1,4 @@
-"""Tests for :mod:`pyro_vlae.classifier` (small fabricated data only; offline and fast)."""
+"""Tests for :mod:`pyro_vlae.evaluation.classifier` (small fabricated data only; offline and fast)."""
 
 from __future__ import annotations
 

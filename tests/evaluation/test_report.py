@@ -49,7 +49,7 @@ def _with_classifier(data):
 
 
 def _diagnostics(data):
-    """``layers`` and ``gibbs`` blocks shaped as ``pyro_vlae.diagnostics`` writes them."""
+    """``layers`` and ``gibbs`` blocks shaped as ``pyro_vlae.evaluation.diagnostics`` writes them."""
     data["layers"] = {
         "model_kind": "vlae",
         "layers": {

@@ -43,7 +43,7 @@ from .training.checkpoint import (
 )
 from .training.loop import TrainingDiverged, evaluate_elbo, fit
 from .training.progress import truncate_metrics
-from .training.runs import RunConfig, load_run, resolve_device, write_config
+from .training.runs import RunConfig, check_objective, load_run, resolve_device, write_config
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -130,6 +130,10 @@ def main(argv=None) -> int:
                 check_weights_fit(config, resume)
             if args.num_steps:
                 config.train.num_steps = args.num_steps
+            try:  # before any data is read or file written
+                check_objective(config)
+            except ValueError as e:
+                return _fail(f"cannot resume {args.resume}: {e}, and pass --force-config to change the saved setting")
             run_dir = args.resume
         else:
             args.model, args.dataset = args.model or "vlae", args.dataset or "mnist"

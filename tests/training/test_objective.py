@@ -98,3 +98,17 @@ def test_mean_field_kls_are_not_the_elbo_under_a_markov_guide():
     assert trace == pytest.approx(s**2 / 2, abs=0.02)
     assert meanfield == pytest.approx(1 / s**2 + s**2 / 2, abs=0.1)
     assert meanfield - trace > 3.5 and math.isfinite(meanfield)
+
+
+def test_resuming_a_run_saved_with_a_refused_objective_fails_before_anything_is_read_or_written(tmp_path, capsys):
+    from pyro_vlae import run as R
+
+    cfg = config("hvae", elbo="meanfield")
+    model, guide, optim, _ = TR.build(cfg, "cpu")
+    TR.save_run_checkpoint(str(tmp_path), model, guide, optim, 7, cfg)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert R.main(["--resume", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume {tmp_path}: --elbo meanfield is valid for vlae and vae only")
+    assert "--force-config" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no config, metrics or lock written

@@ -68,7 +68,8 @@ other points; ``batch_size=16`` only groups the encoder calls). Here the codes a
 (``max_samples=None`` keeps all; at least 20 rows are required). MIG uses all kept rows; SAP and DCI split them at
 random (``default_rng([seed, 1])``) into ``round(train_frac * N)`` training rows (default ``train_frac=0.8``) and
 the rest as test rows. Passing 15,000 rows with ``max_samples=None, train_frac=2/3`` gives disentanglement_lib's
-sizes. The separate seed streams make ``evaluate_all`` give exactly the numbers of the individual functions.
+SAP and DCI sizes (MIG then uses all 15,000 rows, where disentanglement_lib uses 10,000). The separate seed
+streams make ``evaluate_all`` give exactly the numbers of the individual functions.
 
 Factors. All factors are discrete indices; each column is re-encoded to ``0..C_k-1`` (any integer labels work, and
 integral floats are accepted; the order of the values is kept). Continuous factors must be discretised first

@@ -2,11 +2,13 @@
 
 MNIST: the VLAE and a 3-layer Markov HVAE of matched capacity (same preset: widths, latent sizes, likelihood), each
 trained by ``python -m pyro_vlae.run`` with the same number of steps and evaluated by the end-of-run evaluation.
-Sprites: VLAE, Markov HVAE and a beta-VAE baseline with the disentanglement metrics.
+Sprites: VLAE, Markov HVAE and a beta-VAE baseline with the disentanglement metrics. shapes3d: the same three on
+colour scenes, with the metrics per layer and each factor's layer (the colour hierarchy of Section 5).
 
     python benchmarks/reproduce.py                         # both experiments, CPU-sized presets, 6000 / 3000 steps
     python benchmarks/reproduce.py --only mnist --steps 6000
     python benchmarks/reproduce.py --table-only            # rebuild the tables from runs already in --root
+    python benchmarks/reproduce.py --only shapes3d --runs vlae --no-eval --run-flags "--batch-size 50"
     python benchmarks/reproduce.py --only mnist --runs hvae   # one run (several processes can share a --root)
 
 Each run's folder (config, metrics, checkpoint, figures, eval.json, report.md) is kept under ``--root``.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -24,6 +27,12 @@ import time
 EXPERIMENTS = {
     "mnist": [("vlae", "vlae", []), ("hvae", "hvae", [])],
     "sprites": [("vlae", "vlae", []), ("hvae", "hvae", []), ("vae-beta4", "vae", ["--beta", "4"])],
+    # four 2-d layers (8 dims for six factors); the beta-VAE gets one code of the same total size
+    "shapes3d": [
+        ("vlae", "vlae", ["--latent-dims", "2,2,2,2"]),
+        ("hvae", "hvae", ["--latent-dims", "2,2,2,2"]),
+        ("vae-beta4", "vae", ["--latent-dims", "8", "--beta", "4"]),
+    ],
 }
 # Variants that test why a claim fails (run only when named with --runs).
 VARIANTS = {
@@ -33,6 +42,7 @@ VARIANTS = {
         ("hvae-z16-learned-sigma", "hvae", ["--latent-dims", "16,16,16", "--likelihood", "gaussian-learned"]),
     ],
     "sprites": [],
+    "shapes3d": [],
 }
 
 
@@ -40,7 +50,7 @@ def run_dir(root, dataset, tag):
     return os.path.join(root, f"{dataset}_{tag}")
 
 
-def train(root, dataset, tag, model, extra, steps, seed):
+def train(root, dataset, tag, model, extra, steps, seed, no_eval=False, run_flags=()):
     from pyro_vlae.run import main
 
     folder = run_dir(root, dataset, tag)
@@ -59,7 +69,9 @@ def train(root, dataset, tag, model, extra, steps, seed):
         "--run-dir",
         folder,
         "--no-progress",
+        *(["--no-eval"] if no_eval else []),
         *extra,
+        *run_flags,
     ]
     print(f"[reproduce] python -m pyro_vlae.run {' '.join(argv)}", flush=True)
     t0 = time.time()
@@ -109,6 +121,10 @@ def sprites_table(folders) -> str:
     return _table(folders, _sprites_rows)
 
 
+def shapes3d_table(folders) -> str:
+    return _table(folders, _shapes3d_rows)
+
+
 def _mnist_rows(row, evals):
     row("training steps", lambda e: e.get("step"))
     row("training minutes (machine shared with other runs)", lambda e: e.get("train_seconds", 0) / 60, nd=1)
@@ -132,30 +148,80 @@ def _mnist_rows(row, evals):
     row("classifier test accuracy", lambda e: _get(e, "evaluation", "test", "classifier", "test_accuracy"))
 
 
+_DIS = ("evaluation", "test", "disentanglement")
+_SCORES = ("mig", "mig_sup", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap")
+
+
+def _factor_names(evals):
+    for _, e in evals:
+        names = _get(e, *_DIS, "factor_names")
+        if names:
+            return names
+    return []
+
+
 def _sprites_rows(row, evals):
     row("training steps", lambda e: e.get("step"))
     row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
     row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
-    summary = ("overall", "summary")
-    for key in ("mig", "mig_sup", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap"):
-        row(key, lambda e, key=key: _get(e, "evaluation", "test", "disentanglement", *summary, key))
-    for _, e in evals:
-        a = _get(e, "evaluation", "test", "disentanglement", "assignment", "assigned_layer")
-        if a:
-            break
-    factors = list(a) if a else []
-    for f in factors:
-        row(
-            f"layer holding `{f}`",
-            lambda e, f=f: _get(e, "evaluation", "test", "disentanglement", "assignment", "assigned_layer", f),
-        )
+    for key in _SCORES:
+        row(key, lambda e, key=key: _get(e, *_DIS, "overall", "summary", key))
+    for f in _factor_names(evals):
+        row(f"layer holding `{f}`", lambda e, f=f: _get(e, *_DIS, "assignment", "assigned_layer", f))
+
+
+def _accuracy(d, k):
+    if not d or d["informativeness_per_factor"][k] is None:
+        return None
+    return f"{d['informativeness_per_factor'][k]:.2f} ({d['chance_per_factor'][k]:.2f})"
+
+
+def _shapes3d_rows(row, evals):
+    row("training steps", lambda e: e.get("step"))
+    row("training minutes (machine shared with other runs)", lambda e: e.get("train_seconds", 0) / 60, nd=1)
+    row("test ELBO (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "elbo"))
+    row("IWAE log p(x) (nats)", lambda e: _get(e, "evaluation", "test", "likelihood", "iwae"))
+    layers = sorted({l for _, e in evals for l in _get(e, *_DIS, "layers", default={})}, key=lambda s: int(s[1:] or 0))
+    for l in layers:
+        row(f"KL {l} (nats)", lambda e, l=l: _get(e, "evaluation", "test", "latents", l, "kl"))
+        row(f"active units {l}", lambda e, l=l: _get(e, "evaluation", "test", "latents", l, "active_units"))
+        row(f"variance share {l}", lambda e, l=l: _get(e, "layers", "layers", l, "variance_share"))
+    for key in _SCORES:
+        row(f"{key}, all codes", lambda e, key=key: _get(e, *_DIS, "overall", "summary", key))
+        for l in layers:
+            row(f"{key}, {l} alone", lambda e, key=key, l=l: _get(e, *_DIS, "layers", l, "summary", key))
+    for k, f in enumerate(_factor_names(evals)):  # is the factor in the codes at all? (DCI's test accuracy)
+        row(f"accuracy on `{f}` from all codes (chance)", lambda e, k=k: _accuracy(_get(e, *_DIS, "overall", "dci"), k))
+    for how, key in (("information share", "assigned_layer"), ("DCI importance", "assigned_layer_by_importance"),
+                     ("top dim", "assigned_layer_by_top_dim")):  # fmt: skip
+        for f in _factor_names(evals):
+            row(f"layer of `{f}` by {how}", lambda e, f=f, key=key: _get(e, *_DIS, "assignment", key, f))
+
+
+def share_tables(folders, key="mi_mass") -> str:
+    """Per run, a factor-by-layer table of ``assignment[key]``: ``mi_mass`` (each factor's share of information per
+    layer) or ``best_unit_nmi`` (the normalised information of the layer's best single dim about the factor)."""
+    out = []
+    for tag, folder in folders:
+        with open(os.path.join(folder, "eval.json")) as fh:
+            a = _get(json.load(fh), *_DIS, "assignment")
+        if not a:
+            continue
+        out += [f"\n{tag}: {key} (rows: factors; columns: layers)\n", "| factor | " + " | ".join(a["layers"]) + " |"]
+        out.append("|---|" + "---|" * len(a["layers"]))
+        for k, f in enumerate(a["factors"]):
+            out.append(f"| {f} | " + " | ".join(_fmt(float(m[k]), 2) for m in a[key]) + " |")
+    return "\n".join(out)
+
+
+TABLES = {"mnist": mnist_table, "sprites": sprites_table, "shapes3d": shapes3d_table}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/reproduce")
     p.add_argument("--only", choices=sorted(EXPERIMENTS))
-    p.add_argument("--steps", type=int, help="steps per run (default: 6000 on mnist, 3000 on sprites)")
+    p.add_argument("--steps", type=int, help="steps per run (default: 6000 on mnist, 3000 otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--runs",
@@ -165,6 +231,17 @@ def main(argv=None):
         "evaluated under --root. Lets runs go in parallel processes.",
     )
     p.add_argument("--table-only", action="store_true")
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="train only (run with --no-eval); evaluate each folder afterwards with python -m pyro_vlae.evaluate",
+    )
+    p.add_argument(
+        "--run-flags",
+        default="",
+        metavar="FLAGS",
+        help="extra flags for every run, e.g. '--batch-size 50 --anneal exp:300' for a short CPU budget",
+    )
     args = p.parse_args(argv)
     known = {tag for runs in (*EXPERIMENTS.values(), *VARIANTS.values()) for tag, _, _ in runs}
     if args.runs and not set(args.runs) <= known:
@@ -176,12 +253,17 @@ def main(argv=None):
             folder = run_dir(args.root, dataset, tag)
             wanted = tag in args.runs if args.runs else (tag, model, extra) in EXPERIMENTS[dataset]
             if wanted and not args.table_only:
-                train(args.root, dataset, tag, model, extra, steps, args.seed)
+                train(
+                    args.root, dataset, tag, model, extra, steps, args.seed, args.no_eval, shlex.split(args.run_flags)
+                )
             if os.path.exists(os.path.join(folder, "eval.json")):
                 folders.append((tag, folder))
         if folders:
             print(f"\n### {dataset}\n")
-            print((mnist_table if dataset == "mnist" else sprites_table)(folders))
+            print(TABLES[dataset](folders))
+            if dataset == "shapes3d":
+                print(share_tables(folders, "mi_mass"))
+                print(share_tables(folders, "best_unit_nmi"))
             sys.stdout.flush()
 
 

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-images", type=int, default=5000, help="training images for the linear probes")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier-based metrics and probes")
     p.add_argument(
+        "--disentangle-images",
+        type=int,
+        default=5000,
+        help="test items for the disentanglement scores on datasets with factors (default: 5000)",
+    )
+    p.add_argument(
         "--dci",
         choices=["gbt", "lda"],
         default="gbt",
@@ -49,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
-    for flag in ("num_samples", "batch_size", "probe_images"):
+    for flag in ("num_samples", "batch_size", "probe_images", "disentangle_images"):
         if getattr(args, flag) < 1:
             return _fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.max_images < 0 or (args.chunk_size is not None and args.chunk_size < 1):
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
             args.run_dir, args.num_samples, args.split, args.max_images, args.device, batch_size=args.batch_size,
             chunk_size=args.chunk_size, classifier_cache=args.classifier_cache, probe_images=args.probe_images,
             classifier=not args.no_classifier, run_diagnostics=not args.no_diagnostics, dci_estimator=args.dci,
-            seed=args.seed,
+            disentangle_images=args.disentangle_images, seed=args.seed,
         )  # fmt: skip
     except CheckpointError as e:
         return _fail(f"{e}")

@@ -178,3 +178,14 @@ def test_factor_datasets_get_disentanglement_at_their_preset_size(tmp_path, data
     assert {"mig", "sap", "dci_disentanglement"} <= set(dis["overall"]["summary"])
     assert set(dis["layers"]) == {"z1", "z2", "z3"}
     assert "DCI from the LDA variant, not comparable" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_disentangle_images_flag_reaches_evaluate_run(monkeypatch, capsys):
+    """--disentangle-images sets evaluate_run's item count (default 5000); values below 1 are a clear error."""
+    seen = []
+    monkeypatch.setattr(E, "evaluate_run", lambda *a, **kw: seen.append(kw["disentangle_images"]))
+    assert E.main(["somewhere", "--disentangle-images", "1234"]) == 0
+    assert E.main(["somewhere"]) == 0
+    assert seen == [1234, 5000]
+    assert E.main(["somewhere", "--disentangle-images", "0"]) == 2
+    assert "--disentangle-images must be >= 1" in capsys.readouterr().err

@@ -19,13 +19,13 @@ class FactorGridDataset(Dataset):
     """
 
     factor_sizes: tuple = ()
+    #: ``staticmethod(f)`` with ``f(factors (N, K), size) -> float32 (N, C, size, size)``, set by each subclass.
+    render = None
 
     def __init__(self, indices, size: int = 64):
+        if self.render is None or not self.factor_sizes:
+            raise TypeError(f"{type(self).__name__} must set factor_sizes and render (see FactorGridDataset)")
         self.indices, self.size = np.asarray(indices, dtype=np.int64), int(size)
-
-    @staticmethod
-    def render(factors, size: int) -> np.ndarray:
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.indices)

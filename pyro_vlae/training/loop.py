@@ -285,10 +285,12 @@ def fit(
         with open(metrics_path, "a" if par.is_lead else "w") as metrics:
             steplog = StepLog(metrics, writer, tc.log_every, tc.num_steps, par.is_lead)
             try:
+                set_fade_in(model, config, step)  # also resets gains a resumed checkpoint holds from another schedule
                 while step < tc.num_steps:
                     x = next_batch(bundle, order, par, tensors, step, device, binarize)
                     kl_scale = schedule(step)
-                    set_fade_in(model, config, step)
+                    if tc.fade_in:  # without a fade-in the gains stay 1: no copy into the model on the hot path
+                        set_fade_in(model, config, step)
                     with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
                         loss = train_step(svi, x, kl_scale)
                     check_loss(loss, step, last_good)

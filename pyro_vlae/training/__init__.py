@@ -1,6 +1,8 @@
 """Training: the SVI loop in small named steps, and what it needs.
 
-* :mod:`~pyro_vlae.training.runs`: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI), :func:`load_run`;
+* :mod:`~pyro_vlae.training.runs`: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI),
+  :func:`build_networks` (model and guide alone), :func:`load_run` (which uses only those);
+* :mod:`~pyro_vlae.training.batches`: the seeded batch order of every step and reading a batch;
 * :mod:`~pyro_vlae.training.loop`: :func:`fit` and its steps (batch, fade-in, SVI step, log record, checkpoint);
 * :mod:`~pyro_vlae.training.optim`: :class:`FusedAdam`, Pyro's optimiser interface over one fused torch Adam;
 * :mod:`~pyro_vlae.training.annealing`: KL-scale schedules and the VLAE's ladder fade-in;
@@ -14,7 +16,7 @@ It builds on :mod:`pyro_vlae.models`, :mod:`pyro_vlae.guides` and :mod:`pyro_vla
 
 from .loop import TrainingDiverged, TrainResult, evaluate_elbo, fit, train_step
 from .optim import FusedAdam
-from .runs import RunConfig, build, load_run, resolve_device, save_run_checkpoint
+from .runs import RunConfig, build, build_networks, load_run, resolve_device, save_run_checkpoint
 
 __all__ = [
     "FusedAdam",
@@ -22,6 +24,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "build",
+    "build_networks",
     "evaluate_elbo",
     "fit",
     "load_run",

@@ -8,8 +8,8 @@ SVI object, sharding each batch, binarising, and agreeing on Ctrl-C.
 
 Design.  A run with ``W`` processes of ``--batch-size B`` takes the same step as one process with batch ``W B``:
 
-* **Data.**  :class:`~pyro_vlae.training.loop.BatchOrder` draws the global batch of ``W B`` indices of each step from a
-  permutation seeded by the epoch (what ``DistributedSampler.set_epoch`` does), and rank ``r`` takes rows
+* **Data.**  :class:`~pyro_vlae.training.batches.BatchOrder` draws the global batch of ``W B`` indices of each step from
+  a permutation seeded by the epoch (what ``DistributedSampler.set_epoch`` does), and rank ``r`` takes rows
   ``[r B, (r + 1) B)``: the shards are disjoint and their concatenation is the one-process batch.  This works for
   in-memory tensors and for lazily loaded datasets alike, since only the shard's items are read.
 * **Gradients.**  Model and guide go, unchanged, into one container module wrapped in

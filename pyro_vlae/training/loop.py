@@ -23,6 +23,7 @@ from pyro.infer.util import is_validation_enabled
 
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
+from .batches import BatchOrder, fetch_batch, next_batch  # noqa: F401  (fetch_batch: public here too)
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
 from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint
@@ -59,41 +60,6 @@ def evaluate_elbo(model, guide, batches, max_batches: int = 20) -> dict:
     out["elbo"] = out["recon"] - sum(v for k, v in out.items() if k.startswith("z"))
     out["num_images"] = count
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Deterministic data order.
-
-
-class BatchOrder:
-    """Batches drawn from a fresh seeded permutation each epoch, addressable by global step.
-
-    Step ``s`` always sees the same images for a given seed, so a resumed run reads the data a straight run would.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            raise ValueError(f"batch size {batch_size} is larger than the training set ({n} images)")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.steps_per_epoch = n // batch_size
-        self._epoch, self._perm = None, None
-
-    def indices(self, step: int) -> torch.Tensor:
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
-
-
-def fetch_batch(dataset, idx: torch.Tensor, tensors=None) -> torch.Tensor:
-    """Images of ``dataset`` at ``idx``: tensor indexing when the data is in memory, one rendering call for the
-    procedural datasets (:class:`~pyro_vlae.data.grid.FactorGridDataset`), item by item otherwise."""
-    if tensors is not None:
-        return tensors[0][idx]
-    if hasattr(dataset, "images"):
-        return dataset.images(idx.numpy())
-    return torch.stack([dataset[int(i)][0] for i in idx])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,13 +130,6 @@ def _check_every_parameter_trains(optim, model, guide) -> None:
 
 def is_finite(loss: float) -> bool:
     return isinstance(loss, float) and math.isfinite(loss)
-
-
-def next_batch(bundle, order: BatchOrder, par, tensors, step: int, device, binarize: bool) -> torch.Tensor:
-    """The images of ``step`` (this rank's shard of the global batch), on ``device``; dynamically binarized (one
-    Bernoulli draw per pixel, the same on every rank count) when the likelihood is Bernoulli."""
-    x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
-    return par.bernoulli(x) if binarize else x
 
 
 def set_fade_in(model, config: RunConfig, step: int) -> None:

@@ -119,11 +119,18 @@ def check_settings(kind: str, elbo: str = "trace", beta: float = 1.0, fade_in: i
         )
 
 
-def build(config: RunConfig, device) -> tuple:
-    """Model, guide (on ``device``), Pyro Adam optimiser and SVI object.  Clears the param store first."""
+def build_networks(config: RunConfig, device) -> tuple:
+    """The model and guide of ``config`` on ``device``, and nothing of training's machinery (no optimiser, no SVI):
+    what evaluation needs.  Clears the param store first."""
     pyro.clear_param_store()
     model = get_model(config.model_kind, config.model).to(device)
     guide = get_guide(config.model_kind, config.model).to(device)
+    return model, guide
+
+
+def build(config: RunConfig, device) -> tuple:
+    """Model, guide (on ``device``), Pyro Adam optimiser and SVI object.  Clears the param store first."""
+    model, guide = build_networks(config, device)
     optim = FusedAdam({"lr": config.train.lr})
     elbo_cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
     if config.train.elbo not in elbo_cls:
@@ -175,7 +182,7 @@ def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
     """
     state = load_checkpoint(os.path.join(run_dir, "checkpoints", checkpoint), map_location=device)
     config = RunConfig.from_dict(state["config"])
-    model, guide, _, _ = build(config, device)
+    model, guide = build_networks(config, device)
     load_weights(model, guide, state, config)
     model.eval(), guide.eval()
     return model, guide, config, state

@@ -123,3 +123,24 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
     with C.RunLock(str(tmp_path)) as lock:
         assert lock.held
     assert not (tmp_path / "run.lock").exists()
+
+
+def test_load_run_builds_model_and_guide_only(tmp_path, monkeypatch):
+    """Evaluation needs the networks alone: loading a run constructs no optimiser and no SVI object."""
+    from pyro_vlae.presets import get_preset
+    from pyro_vlae.training import runs
+
+    preset = get_preset("tiny")
+    config = runs.RunConfig("vlae", "synthetic", "tiny", preset.model, preset.train)
+    model, guide, optim, _ = runs.build(config, "cpu")
+    runs.save_run_checkpoint(str(tmp_path), model, guide, optim, 0, config)
+
+    def refuse(*a, **k):
+        raise AssertionError("load_run built training machinery")
+
+    monkeypatch.setattr(runs, "FusedAdam", refuse)
+    monkeypatch.setattr(runs, "SVI", refuse)
+    model2, guide2, config2, _ = runs.load_run(str(tmp_path))
+    assert config2.model_kind == "vlae"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[k])

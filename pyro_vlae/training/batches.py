@@ -42,3 +42,25 @@ def next_batch(bundle, order: BatchOrder, par, tensors, step: int, device, binar
     Bernoulli draw per pixel, the same on every rank count) when the likelihood is Bernoulli."""
     x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
     return par.bernoulli(x) if binarize else x
+
+
+class Batches:
+    """The training images of every step, on ``device``: what :func:`~pyro_vlae.training.loop.fit` reads.
+
+    ``batches(step)`` returns this rank's shard of step ``step``'s global batch of ``batch_size * par.world_size``
+    images (the order of :class:`BatchOrder`, so a resumed run reads what a straight run would), dynamically
+    binarized when ``binarize``.
+
+    :param bundle: a :class:`~pyro_vlae.data.DataBundle`.
+    :param batch_size: images per rank and step.
+    :param seed: the run's seed (the order of every epoch follows from it).
+    :param par: the data-parallel context (:func:`pyro_vlae.training.distributed.current`).
+    """
+
+    def __init__(self, bundle, batch_size: int, seed: int, par, device, binarize: bool):
+        self.bundle, self.par, self.device, self.binarize = bundle, par, device, binarize
+        self.order = BatchOrder(len(bundle.train), batch_size * par.world_size, seed)  # the global batch
+        self.tensors = bundle.tensors("train")
+
+    def __call__(self, step: int) -> torch.Tensor:
+        return next_batch(self.bundle, self.order, self.par, self.tensors, step, self.device, self.binarize)

@@ -23,7 +23,7 @@ from pyro.infer.util import is_validation_enabled
 
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
-from .batches import BatchOrder, fetch_batch, next_batch  # noqa: F401  (fetch_batch: public here too)
+from .batches import BatchOrder, Batches, fetch_batch, next_batch  # noqa: F401  (re-exported)
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
 from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint
@@ -225,10 +225,8 @@ def fit(
     last_good = ckpt_path if resume is not None else None
     model.train(), guide.train()
     svi = par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
-    tensors = bundle.tensors("train")
-    order = BatchOrder(len(bundle.train), tc.batch_size * par.world_size, config.seed)  # the global batch
+    batches = Batches(bundle, tc.batch_size, config.seed, par, device, config.model.likelihood == "bernoulli")
     schedule = KLSchedule(tc.anneal)
-    binarize = config.model.likelihood == "bernoulli"
     writer = open_tensorboard(run_dir, log) if par.is_lead else None
     validation = is_validation_enabled()
     step, interrupted = start, False
@@ -246,7 +244,7 @@ def fit(
             try:
                 set_fade_in(model, config, step)  # also resets gains a resumed checkpoint holds from another schedule
                 while step < tc.num_steps:
-                    x = next_batch(bundle, order, par, tensors, step, device, binarize)
+                    x = batches(step)
                     kl_scale = schedule(step)
                     if tc.fade_in:  # without a fade-in the gains stay 1: no copy into the model on the hot path
                         set_fade_in(model, config, step)

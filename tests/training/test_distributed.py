@@ -18,6 +18,7 @@ from torch import nn
 from pyro_vlae.data import load_data
 from pyro_vlae.guides import get_guide
 from pyro_vlae.presets import get_preset
+from pyro_vlae.training import batches as B
 from pyro_vlae.training import distributed as D
 from pyro_vlae.training import loop as T
 from pyro_vlae.training import runs as TR
@@ -179,7 +180,7 @@ def _one_process(run_dir, order_seed_shift=0, monkeypatch=None) -> tuple:
     p = get_preset("tiny")
     tc = dataclasses.replace(p.train, num_steps=5, batch_size=16, log_every=100, checkpoint_every=3, keep_every=3)
     if order_seed_shift:
-        monkeypatch.setattr(T, "BatchOrder", lambda n, b, seed, _cls=T.BatchOrder: _cls(n, b, seed + order_seed_shift))
+        monkeypatch.setattr(B, "BatchOrder", lambda n, b, seed, _cls=B.BatchOrder: _cls(n, b, seed + order_seed_shift))
     bundle = load_data("synthetic", "unused", 16, seed=0)
     config = TR.RunConfig("vlae", "synthetic", "tiny", p.model, tc, seed=0)
     threads = torch.get_num_threads()

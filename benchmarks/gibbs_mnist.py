@@ -2,9 +2,11 @@
 
 The model is Appendix B.1's Markov HVAE with a Bernoulli decoder (preset ``mnist-hvae-b1-bernoulli``: codes of 32, 16
 and 8).  The chain of Eq. 6 feeds back *sampled* binary images, ``z1 ~ q(z1 | x(t))``, ``x(t+1) ~ p(x | z1)``, and
-starts from three places: binarised test images, Bernoulli(0.5) noise and binary ancestral samples.  At each
+starts from three places: binarised test images (a seeded random draw from the whole test set), Bernoulli(0.5) noise
+and binary ancestral samples.  At each
 ``t in --steps`` it reports, against binarised test images: the Fréchet distance of classifier features (a classifier
-trained on binarised training images), with the floor (binarised training images against the same test images); the
+trained on binarised training images), with the floor (binarised training images against the same test images: the
+reference, every test image that is not a chain start); the
 predicted class frequencies against the test images'; the rate at which a chain's predicted class changes per step
 (over the steps since the previous ``t``); and the collapse check of ``pyro_vlae.evaluation.diagnostics``.  Binary
 ancestral samples of the whole model are the baseline.
@@ -89,6 +91,14 @@ def train(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ protocol
+def split_starts(num_test: int, num_starts: int, seed: int) -> tuple:
+    """Indices of the chain starts, a seeded random draw of ``num_starts`` test images, and of the reference, all the
+    others: disjoint, together the whole test set, each in ascending order.  (MNIST's test set is not shuffled: its
+    first 5,000 images come from a cleaner set of writers, so the first images would be an easier start.)"""
+    perm = torch.randperm(num_test, generator=torch.Generator().manual_seed(seed))
+    return perm[:num_starts].sort().values, perm[num_starts:].sort().values
+
+
 class Data:
     """Binarised MNIST (one seeded draw), the classifier trained on it, and the reference features."""
 
@@ -99,7 +109,8 @@ class Data:
         self.train = torch.bernoulli(xtr, generator=g)
         test = torch.bernoulli(xte, generator=g)
         n = args.chains
-        self.starts, self.reference = test[:n].to(device), test[n:].to(device)
+        self.start_idx, ref_idx = split_starts(len(test), n, args.seed)
+        self.starts, self.reference = test[self.start_idx].to(device), test[ref_idx].to(device)
         self.clf, info = get_classifier(
             self.train, ytr, num_classes=10, cache_dir=os.path.join(args.data_dir, "classifiers"), x_test=test,
             y_test=yte, device=device, log=lambda m: print(m, flush=True),
@@ -130,6 +141,7 @@ def protocol(run_dir: str, data: Data, args, device) -> dict:
     n, steps = args.chains, sorted(args.steps)
     batches = (x for x in data.reference.split(500))  # already binary
     res = {"run_dir": run_dir, "step": int(state["step"]), "latent_dims": list(config.model.latent_dims)}
+    res["test_starts"] = f"{n} test images drawn by seed {args.seed}, disjoint from the {len(data.reference)} reference"
     res["extra"], res["test_elbo"] = config.extra, evaluate_elbo(model, guide, batches, max_batches=4).get("elbo")
     anc = ancestral_draws(model, n, seed=args.seed)
     res["ancestral"] = score(data, anc)

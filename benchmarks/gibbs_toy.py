@@ -10,13 +10,26 @@ The pair is trained by SVI with ``Trace_ELBO`` on fresh draws of ``p_data``, the
   against ``p_data`` as a Gaussian KL, and the same for ancestral samples of the whole model;
 * the library's ``gibbs_chain`` on 10k chains against the closed form (a check of both).
 
-Two controls must fail as theory predicts.  The mean-fed chain (``feed="mean"``) drops the likelihood's noise:
-its law lives on the ``d_1``-dimensional range of the decoder, so its KL to ``p_data`` is infinite, and it is
-under-dispersed even on that range.  A guide whose ``q(z_1|x)`` mean map is scaled by 1.05 lowers the ELBO by
-about ``E KL(q'||q)`` (a second-order, small change) but moves the chain's law by much more, while ancestral samples,
-which never use the guide, are untouched.
+Two controls must fail as theory predicts, each measured on the library's simulated chains, so each can fail.
 
-    python benchmarks/gibbs_toy.py [--quick] [--seed 0] [--chains 10000]
+* The mean-fed chain (``feed="mean"``) drops the likelihood's noise: its law lives on the ``d_1``-dimensional range
+  of the decoder (its KL to ``p_data`` is infinite), and it is under-dispersed even on that range.  At the optimum,
+  along the ``k``-th direction of the range (signal-to-noise ratio ``snr_k``, chain autocorrelation
+  ``rho_k = snr_k / (1 + snr_k)``) the data's variance is ``D_k = s_0^2 (1 + snr_k)``; the sample-fed chain keeps it,
+  ``D_k = rho_k^2 D_k + c_k + s_0^2``, the mean-fed one loses the ``s_0^2``: ``V_k = D_k - s_0^2 / (1 - rho_k^2)``,
+  so ``V_k / D_k = r_k = snr_k / (1 + 2 snr_k)`` and the KL on the range is ``K* = 1/2 sum_k (r_k - 1 - log r_k)``
+  (1.086 nats for this toy; :func:`mean_fed_kl_at_optimum`).  The check: the *simulated* mean-fed chain's KL on the
+  range is at least ``K*/2``, and its samples span only ``d_1`` dimensions.  A chain that fed samples would score at
+  most ``KL(chain || data) <= 0.02`` there (a projection never raises a KL), 27 times below ``K*/2``, and span all
+  ``DIM``: both checks would fail.
+* A guide whose ``q(z_1|x)`` mean map is scaled by 1.05 lowers the ELBO by about ``E KL(q'||q)`` (a second-order,
+  small change) but moves the chain's law by much more, while ancestral samples, which never use the guide, are
+  untouched.
+
+    python benchmarks/gibbs_toy.py [--quick] [--seed 0] [--chains 10000] [--figure PATH]
+
+``--figure`` draws the per-direction variances of the data, the trained chain, the mean-fed chain and the
+perturbed-guide chain (simulated), and their KLs against the targets.
 
 It prints every figure with its target and exits with status 1 when a target is missed.
 """
@@ -62,6 +75,7 @@ DIM, LATENT = 16, (8, 8, 8)
 ELBO_TOL = 0.02  # nats per dimension below -H
 CHAIN_TOL = 0.02  # KL(chain || data), nats
 CLEARLY_WORSE = 5  # a control must be at least this many times the chain target
+MEAN_FED_SHARE = 0.5  # the simulated mean-fed chain's KL on the decoder's range must reach this share of K*
 PERTURB = 1.05  # the perturbed guide scales q(z_1|x)'s mean map by this
 SCHEDULES = {  # steps, batch size, first and last learning rate (exponential decay)
     "full": (12000, 1024, 1e-2, 1e-4),
@@ -110,6 +124,35 @@ def mc_elbo(model, guide, x):
     return per.mean().item(), per.std().item() / math.sqrt(len(per))
 
 
+def mean_fed_kl_at_optimum(truth) -> float:
+    """``K*``, the KL to ``p_data`` of the mean-fed chain's stationary law on the decoder's range at the optimum (the
+    exact guide), from the closed forms; equal to ``1/2 sum_k (r_k - 1 - log r_k)``, ``r_k = snr_k / (1 + 2 snr_k)``."""
+    exact, _ = exact_guide(truth, LATENT[-1])
+    mean, cov, _ = chain_law(exact[0], truth[-1], "mean")
+    return on_range(mean, cov, truth[-1].A, *data_law(truth, LATENT[-1]))
+
+
+def on_range(mean, cov, decoder_A, mx, Sx) -> float:
+    """``KL(N(mean, cov) || N(mx, Sx))`` of the two laws projected on the range of the decoder's matrix."""
+    basis = np.linalg.svd(decoder_A, full_matrices=False)[0]
+    return gaussian_kl(basis.T @ mean, basis.T @ cov @ basis, basis.T @ mx, basis.T @ Sx @ basis)
+
+
+def sample_rank(x: np.ndarray) -> int:
+    """Numerical rank of the samples' covariance (eigenvalues above 1e-6 of the largest)."""
+    eig = np.linalg.eigvalsh(np.cov(x, rowvar=False))
+    return int((eig > 1e-6 * eig.max()).sum())
+
+
+def mean_fed_checks(rep: dict, k_star: float) -> list:
+    """The mean-fed control's checks on the simulated chain (see the module text for why each can fail)."""
+    return [
+        (f"mean-fed chain: KL on the decoder's range >= K*/2 = {MEAN_FED_SHARE * k_star:.3f} (simulated)",
+         rep["kl_range_sim"] >= MEAN_FED_SHARE * k_star),
+        (f"mean-fed chain: samples span {LATENT[0]} of {DIM} dimensions (simulated)", rep["rank_sim"] == LATENT[0]),
+    ]  # fmt: skip
+
+
 def chain_report(name, model, guide, truth_law, x0, steps, feed, seed):
     """Closed-form stationary law and ``gibbs_chain`` simulation of one chain; returns the figures."""
     mx, Sx = truth_law
@@ -118,17 +161,16 @@ def chain_report(name, model, guide, truth_law, x0, steps, feed, seed):
     out = gibbs_chain(model, guide, x0, steps, return_means=False, seed=seed, feed=feed).samples[-1]
     x = out.double().numpy()
     rank = int(np.linalg.matrix_rank(cov, tol=1e-8 * np.abs(cov).max()))
-    r = {"name": name, "rho": float(np.abs(np.linalg.eigvals(M)).max()), "rank": rank}
+    r = {"name": name, "rho": float(np.abs(np.linalg.eigvals(M)).max()), "rank": rank, "rank_sim": sample_rank(x)}
+    r["samples"] = x
     r["tr_pred"], r["tr_sim"] = float(np.trace(cov)), float(np.trace(np.cov(x, rowvar=False)))
     r["kl"] = gaussian_kl(mean, cov, mx, Sx) if rank == len(mx) else math.inf
     if rank == len(mx):
         m_t, c_t = chain_after(gl[0], ml[-1], x0.double().mean(0).numpy(), np.cov(x0.double().numpy().T), steps, feed)
         r["kl_sim"], r["kl_sim_vs_closed"] = empirical_kl(out, mx, Sx), empirical_kl(out, m_t, c_t)
-    else:  # on the decoder's range, where the law has full rank
-        basis = np.linalg.svd(ml[-1].A, full_matrices=False)[0]
-        proj = lambda m, c: (basis.T @ m, basis.T @ c @ basis)  # noqa: E731
-        r["kl_range"] = gaussian_kl(*proj(mean, cov), *proj(mx, Sx))
-        r["kl_range_sim"] = gaussian_kl(*proj(x.mean(0), np.cov(x, rowvar=False)), *proj(mx, Sx))
+    # on the decoder's range, where even the mean-fed chain's law has full rank
+    r["kl_range"] = on_range(mean, cov, ml[-1].A, mx, Sx)
+    r["kl_range_sim"] = on_range(x.mean(0), np.cov(x, rowvar=False), ml[-1].A, mx, Sx)
     return r
 
 
@@ -201,17 +243,21 @@ def run(args) -> int:
     log(f"  ({empirical_kl(anc, mx, Sx):.4f} from {args.chains} draws of the library model)")
     check("KL(ancestral || data) <= 0.02", kl_anc <= CHAIN_TOL)
 
-    log("\ncontrol 1: the mean-fed chain (x' = mean of p(x|z_1)); theory: its law lives on the decoder's range")
+    log("\ncontrol 1: the mean-fed chain (x' = mean of p(x|z_1)); theory: its law lives on the decoder's range,")
+    log("  under-dispersed there by r_k = snr_k / (1 + 2 snr_k) per direction")
     mean_rep = chain_report("mean", model, guide, (mx, Sx), x0, args.steps, "mean", args.seed)
+    k_star = mean_fed_kl_at_optimum(truth)
     log(
-        f"  covariance rank {mean_rep['rank']} of {DIM}: KL(chain || data) = {mean_rep['kl']}; total variance "
-        f"{mean_rep['tr_pred']:.3f} predicted, {mean_rep['tr_sim']:.3f} simulated, data {np.trace(Sx):.3f}"
+        f"  covariance rank {mean_rep['rank']} of {DIM} closed form, {mean_rep['rank_sim']} simulated: KL(chain || "
+        f"data) = {mean_rep['kl']}; total variance {mean_rep['tr_pred']:.3f} predicted, {mean_rep['tr_sim']:.3f} "
+        f"simulated, data {np.trace(Sx):.3f}"
     )
     log(
         f"  on the {LATENT[0]}-d range of the decoder: KL = {mean_rep['kl_range']:.4f} closed form, "
-        f"{mean_rep['kl_range_sim']:.4f} simulated"
+        f"{mean_rep['kl_range_sim']:.4f} simulated; K* at the optimum {k_star:.4f}   target >= "
+        f"{MEAN_FED_SHARE * k_star:.4f} (a sample-fed chain scores <= {CHAIN_TOL} there)"
     )
-    check("mean-fed chain clearly worse", mean_rep["kl"] >= CLEARLY_WORSE * CHAIN_TOL)
+    checks.extend(mean_fed_checks(mean_rep, k_star))
     check("mean-fed chain simulation matches prediction (5%)", abs(mean_rep["tr_sim"] / mean_rep["tr_pred"] - 1) < 0.05)
 
     log(f"\ncontrol 2: q(z_1|x)'s mean map scaled by {PERTURB}; theory: the ELBO drops by E KL(q'||q), the chain's")
@@ -230,11 +276,47 @@ def run(args) -> int:
     check("perturbed-guide chain clearly worse", bad_rep["kl"] >= CLEARLY_WORSE * CHAIN_TOL)
     check("perturbed-guide ELBO drop matches E KL(q'||q) (10%)", abs(drop - predicted) <= 0.1 * predicted)
 
+    if args.figure:
+        log(f"\nfigure: {figure(args.figure, Sx, truth, [rep, mean_rep, bad_rep], kl_anc, k_star)}")
     log("\ntargets")
     for label, ok in checks:
         log(f"  [{'ok' if ok else 'MISSED'}] {label}")
     log(f"runtime {time.time() - t0:.1f} s")
     return 0 if all(ok for _, ok in checks) else 1
+
+
+def figure(path, Sx, truth, reps, kl_anc, k_star) -> str:
+    """Variance of each chain's simulated samples along the data's 16 principal directions (the decoder's range first),
+    against the data's; and each KL against its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyro_vlae.figures import _save
+
+    U = np.linalg.qr(truth[-1].A, mode="complete")[0]  # the range of the true decoder, then its complement
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    k = np.arange(DIM)
+    a.plot(k, np.diag(U.T @ Sx @ U), "k-", lw=2, label="p_data (closed form)")
+    labels = {"trained": "chain of Eq. 6", "mean": "mean-fed chain", "perturbed": "chain, guide mean x 1.05"}
+    for r, style in zip(reps, ["o", "s", "^"]):
+        a.plot(k, np.var(r["samples"] @ U, axis=0), style, ms=5, mfc="none", label=labels[r["name"]])
+    a.axvline(LATENT[0] - 0.5, color="grey", ls=":")
+    a.set(yscale="log", xlabel="direction (decoder's range | noise directions)", ylabel="variance",
+          title="per-direction variance after the chain's steps")  # fmt: skip
+    a.legend(fontsize=8)
+    names = ["chain of Eq. 6", "ancestral", "mean-fed\n(on range)", "guide x 1.05"]
+    values = [reps[0]["kl"], kl_anc, reps[1]["kl_range_sim"], reps[2]["kl"]]
+    b.bar(range(4), values, color=["tab:blue", "tab:gray", "tab:orange", "tab:green"])
+    b.axhline(CHAIN_TOL, color="k", ls="--", lw=1, label=f"target for a sound chain ({CHAIN_TOL})")
+    b.axhline(MEAN_FED_SHARE * k_star, color="tab:orange", ls=":", lw=1, label="mean-fed control floor (K*/2)")
+    b.set_xticks(range(4), names, fontsize=8)
+    b.set(yscale="log", ylabel="KL to p_data (nats)", title="KL against the targets")
+    b.legend(fontsize=7)
+    fig.suptitle("Proposition 1 on a linear-Gaussian Markov HVAE trained by SVI (benchmarks/gibbs_toy.py)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def main(argv=None) -> int:
@@ -243,6 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the training run and the chains")
     parser.add_argument("--chains", type=int, default=10_000, help="simulated chains (and ancestral draws)")
     parser.add_argument("--steps", type=int, default=100, help="transitions of every simulated chain")
+    parser.add_argument("--figure", help="write a PNG of the per-direction variances and the KLs here")
     args = parser.parse_args(argv)
     if args.chains < 2 * DIM or args.steps < 1:
         print(f"error: need --chains >= {2 * DIM} and --steps >= 1, got {args.chains} and {args.steps}")

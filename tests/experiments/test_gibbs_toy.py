@@ -1,4 +1,5 @@
-"""Proposition 1 on a linear-Gaussian toy: the closed forms of ``benchmarks/gibbs_toy.py`` and the benchmark itself."""
+"""Proposition 1 on a linear-Gaussian toy: the closed forms of ``benchmarks/gibbs_toy.py`` and the benchmark itself;
+and the chain starts of ``benchmarks/gibbs_mnist.py``."""
 
 import copy
 import math
@@ -18,8 +19,9 @@ from pyro_vlae.models import get_model
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 sys.path.insert(0, BENCH)
+import gibbs_mnist  # noqa: E402
+import gibbs_toy as gt  # noqa: E402
 import linear_gaussian_toy as lg  # noqa: E402
-from gibbs_toy import toy_config  # noqa: E402
 
 TOP = 8
 
@@ -33,7 +35,7 @@ def truth():
 
 
 def library_pair(m_links, g_links):
-    model, guide = get_model("hvae", toy_config()), get_guide("hvae", toy_config())
+    model, guide = get_model("hvae", gt.toy_config()), get_guide("hvae", gt.toy_config())
     lg.set_links(model, guide, m_links, g_links)
     for a, b in zip(lg.model_links(model) + lg.guide_links(guide), m_links + g_links):
         assert np.allclose(a.A, b.A, atol=1e-6) and np.allclose(a.s, b.s, atol=1e-6)
@@ -112,6 +114,26 @@ def test_closed_form_chain_law_matches_gibbs_chain_off_the_optimum(truth, feed):
         assert np.linalg.matrix_rank(cov, tol=1e-8) == TOP
 
 
+def test_mean_fed_threshold_is_the_closed_form_of_the_derivation(truth):
+    """K* from the Lyapunov closed forms equals the per-direction derivation 1/2 sum (r - 1 - log r),
+    r = snr / (1 + 2 snr), with the toy's signal-to-noise ratios 1..9."""
+    links, _, _ = truth
+    r = np.linspace(1.0, 9.0, TOP) / (1 + 2 * np.linspace(1.0, 9.0, TOP))
+    assert gt.mean_fed_kl_at_optimum(links) == pytest.approx(0.5 * np.sum(r - 1 - np.log(r)), rel=1e-9)
+
+
+@pytest.mark.parametrize("feed, passes", [("mean", True), ("sample", False)], ids=["mean-fed", "sample-fed"])
+def test_mean_fed_control_can_fail(truth, feed, passes):
+    """The control's checks run on the library's simulated chain: the mean-fed chain passes them, and a chain that
+    feeds samples instead (what a broken ``feed="mean"`` would do) fails both."""
+    links, exact, (mx, Sx) = truth
+    model, guide = library_pair(links, exact)
+    x0 = lg.sample_chain_model(links, TOP, 4000, torch.Generator().manual_seed(5))
+    rep = gt.chain_report("c", model, guide, (mx, Sx), x0, 30, feed, seed=6)
+    checks = gt.mean_fed_checks(rep, gt.mean_fed_kl_at_optimum(links))
+    assert [ok for _, ok in checks] == [passes, passes], (checks, rep["kl_range_sim"], rep["rank_sim"])
+
+
 def test_empirical_kl_floor_is_the_sampling_bias(truth):
     links, _, (mx, Sx) = truth
     x = lg.sample_chain_model(links, TOP, 20000, torch.Generator().manual_seed(4))
@@ -135,4 +157,17 @@ def test_benchmark_quick_meets_its_targets():
         [sys.executable, os.path.join(BENCH, "gibbs_toy.py"), "--quick"], capture_output=True, text=True, env=env
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "MISSED" not in run.stdout and run.stdout.count("[ok]") == 9
+    assert "MISSED" not in run.stdout and run.stdout.count("[ok]") == 10
+
+
+def test_gibbs_mnist_starts_are_a_seeded_random_draw_disjoint_from_the_reference():
+    """Not the first test images (MNIST's first 5,000 come from cleaner writers): a draw over the whole test set, the
+    same for the same seed, and never among the reference images the chains are scored against."""
+    starts, ref = gibbs_mnist.split_starts(10000, 500, seed=0)
+    assert len(starts) == 500 and len(ref) == 9500
+    assert torch.equal(torch.sort(torch.cat([starts, ref])).values, torch.arange(10000))  # disjoint, covering
+    assert not torch.equal(starts, torch.arange(500))
+    assert 0.35 < (starts >= 5000).double().mean().item() < 0.65  # both halves of the test set, about equally
+    again, _ = gibbs_mnist.split_starts(10000, 500, seed=0)
+    other, _ = gibbs_mnist.split_starts(10000, 500, seed=1)
+    assert torch.equal(starts, again) and not torch.equal(starts, other)

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -138,16 +139,105 @@ def test_bad_names_and_altered_files_are_clear_errors(tmp_path, monkeypatch):
         pv.load_pretrained("vlae-mnist")
 
 
-def test_export_round_trip_matches_the_run(tmp_path, monkeypatch):
-    """A finished (tiny, untrained) run exported with every weight in half precision loads back within the recorded
-    (and tolerated) difference of the run's float32 model; an unfinished run is refused."""
+def test_the_hash_is_checked_on_the_bytes_that_are_loaded(tmp_path, monkeypatch):
+    """The file is read once: replacing it between the SHA-256 check and the load (another valid file, as a
+    concurrent reinstall would) cannot slip unchecked weights in."""
+    for f in ("vlae-mnist.pt", "vlae-mnist.json"):
+        shutil.copy(os.path.join(P.FOLDER, f), tmp_path / f)
+    monkeypatch.setattr(P, "FOLDER", str(tmp_path))
+    original = torch.load(tmp_path / "vlae-mnist.pt", weights_only=True)
+    swapped = {**original, "guide": {k: torch.zeros_like(v) for k, v in original["guide"].items()}}
+    real_load = torch.load
+
+    def swap_then_load(f, *args, **kwargs):
+        torch.save(swapped, tmp_path / "vlae-mnist.pt")  # the file changes after it was hashed
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(P.torch, "load", swap_then_load)
+    _, guide = pv.load_pretrained("vlae-mnist")
+    for k, v in guide.state_dict().items():
+        assert torch.equal(v, original["guide"][k].float()), k
+
+
+def finished_tiny_run(tmp_path):
+    """A finished 4-step (untrained) tiny VLAE run on synthetic data; returns ``(run_dir, model, guide, optim,
+    config)``."""
     preset = pv.get_preset("tiny")
     train = dataclasses.replace(preset.train, num_steps=4, fade_in=1)
-    config = RunConfig("vlae", "synthetic", "tiny", preset.model, train)
+    config = RunConfig("vlae", "synthetic", "tiny", preset.model, train, data_dir=str(tmp_path))
     model, guide, optim, _ = build(config, "cpu")
     run = str(tmp_path / "run")
     save_run_checkpoint(run, model, guide, optim, 4, config)
     write_config(run, config, argv=["python", "-m", "pyro_vlae.run", "--dataset", "synthetic", "--fade-in", "1"])
+    return run, model, guide, optim, config
+
+
+def git(repo, *args):
+    return subprocess.run(
+        ["git", "-c", "user.email=test@example.com", "-c", "user.name=test", *args],
+        cwd=repo, capture_output=True, check=True,
+    ).stdout  # fmt: skip
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A git checkout with one committed source file and a committed shipped entry, standing in for the repository
+    the export runs from; returns its folder."""
+    repo = tmp_path / "repo"
+    (repo / "pretrained").mkdir(parents=True)
+    (repo / "nets.py").write_text("x = 1\n")
+    (repo / "pretrained" / "tiny-vlae.json").write_text("{}\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "start")
+    monkeypatch.setattr(E, "CHECKOUT", str(repo))
+    return repo
+
+
+def test_export_refuses_a_dirty_checkout_unless_allowed_and_then_records_the_diff(tmp_path, checkout, capsys):
+    run = finished_tiny_run(tmp_path)[0]
+    out = checkout / "pretrained"
+    argv = [run, "--name", "tiny-vlae", "--no-classifier", "--out", str(out)]
+    head = git(checkout, "rev-parse", "HEAD").decode().strip()
+    (out / "tiny-vlae.json").write_text('{"old": 1}\n')  # the export's own output: overwritten, not code
+    assert E.main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((out / "tiny-vlae.json").read_text())
+    clean = {"commit": head, "dirty": [], "diff_sha256": None}
+    assert meta["exported_at"] == clean and meta["commit"] == head and meta["dirty"] == []
+    assert meta["trained_at"]["commit"] == head and "no --commit" in meta["trained_at"]["source"]
+
+    git(checkout, "add", ".")
+    git(checkout, "commit", "-q", "-m", "export")  # the outputs committed: the whole diff below is nets.py's
+    head = git(checkout, "rev-parse", "HEAD").decode().strip()
+    (checkout / "nets.py").write_text("x = 2\n")  # an uncommitted change to code
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "uncommitted changes in nets.py" in err and "--allow-dirty" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "nothing is written"
+
+    diff = hashlib.sha256(git(checkout, "diff", "--binary", "HEAD")).hexdigest()  # before the outputs change
+    assert E.main([*argv, "--allow-dirty"]) == 0
+    meta = json.loads((out / "tiny-vlae.json").read_text())
+    assert meta["exported_at"] == {"commit": head, "dirty": ["nets.py"], "diff_sha256": diff}
+
+
+def test_export_names_the_commit_that_trained_the_run(tmp_path, checkout, capsys):
+    run = finished_tiny_run(tmp_path)[0]
+    argv = [run, "--name", "tiny-vlae", "--no-classifier", "--out", str(checkout / "pretrained"), "--commit", "a" * 40]
+    assert E.main([*argv, "--dirty", "models/vlae.py"]) == 2
+    assert "trained with uncommitted changes in models/vlae.py" in capsys.readouterr().err
+    assert E.main(argv) == 0
+    meta = json.loads((checkout / "pretrained" / "tiny-vlae.json").read_text())
+    assert meta["commit"] == "a" * 40 and meta["trained_at"]["dirty"] == []
+    assert meta["exported_at"]["commit"] == git(checkout, "rev-parse", "HEAD").decode().strip()
+
+
+def test_export_round_trip_matches_the_run(tmp_path, monkeypatch):
+    """A finished (tiny, untrained) run exported with every weight in half precision loads back within the recorded
+    (and tolerated) difference of the run's float32 model; an unfinished run is refused."""
+    run, model, guide, optim, config = finished_tiny_run(tmp_path)
     monkeypatch.setattr(E, "HALF_MIN_NUMEL", 1)
     x = pv.load_data("synthetic", str(tmp_path), 16).tensors("test")[0][:64]
     out = tmp_path / "out"

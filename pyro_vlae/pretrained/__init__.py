@@ -3,8 +3,9 @@
 Everything lives in this one folder (installed as package data), two files per entry:
 
 * ``<name>.pt``: weights only (``torch.load(..., weights_only=True)``), stored in half precision;
-* ``<name>.json``: provenance: the training command, the commit, the run's evaluation numbers, the SHA-256 of the
-  ``.pt`` file and the measured effect of half precision.
+* ``<name>.json``: provenance: the training command, the commits that trained and exported it, the run's evaluation
+  numbers, the SHA-256 of the ``.pt`` file (checked on the very bytes that are loaded) and the measured effect of
+  half precision.
 
 Entries:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 
@@ -70,7 +72,7 @@ def _state(name: str, kind: str) -> tuple:
             f"{path} does not match the SHA-256 in {name}.json: the file changed after it was exported; reinstall "
             "pyro_vlae or regenerate it with python -m pyro_vlae.pretrained.export RUN_DIR"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # the bytes that were checked
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PretrainedError(f"{path} is not a format-{FORMAT} pretrained file of this pyro_vlae version")
     return state, meta

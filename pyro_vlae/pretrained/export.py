@@ -12,6 +12,12 @@ in half precision, and only when that changes the decoded means by at most one g
 (:data:`HALF_TOLERANCE`) and leaves the classifier's test predictions all but unchanged; biases, batch-norm
 parameters and statistics and the small heads stay float32 (in half they moved the outputs several times more).
 The measured differences go into the provenance file.
+
+Provenance must name code that reproduces the weights: the export refuses a checkout with uncommitted changes to
+tracked files (other than the files it writes), and a run said to be trained on a changed tree (``--dirty``), unless
+``--allow-dirty`` is given; then the SHA-256 of the changes (``git diff --binary HEAD`` of the changed files) is
+recorded beside their names.  The ``.json`` says which commit trained the run (``--commit``, default the exporting
+checkout's HEAD) and which commit exported it.
 """
 
 from __future__ import annotations
@@ -50,16 +56,30 @@ def _roundtrip(module, state_dict: dict):
     return module
 
 
-def git_commit(folder: str) -> dict:
-    """``{"commit": HEAD, "dirty": [changed tracked files]}`` of the git checkout holding ``folder``, or nulls."""
+#: The checkout whose git state the export records (the one this package is imported from).
+CHECKOUT = os.path.dirname(FOLDER)
+
+
+def _git(folder: str, *args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=folder, capture_output=True, check=True).stdout
+
+
+def git_commit(folder: str, ignore=()) -> dict:
+    """The git state of the checkout holding ``folder``: ``{"commit": HEAD, "dirty": [changed tracked files],
+    "diff_sha256": SHA-256 of their ``git diff --binary HEAD`` or None when clean}``, or nulls outside a checkout.
+
+    :param ignore: paths (absolute, or relative to the current folder) left out of ``dirty``: the export's outputs.
+    """
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
-        st = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder, capture_output=True, text=True
-        )
-        return {"commit": head.stdout.strip(), "dirty": [line[3:] for line in st.stdout.splitlines()]}
+        root = _git(folder, "rev-parse", "--show-toplevel").decode().strip()
+        head = _git(folder, "rev-parse", "HEAD").decode().strip()
+        status = _git(folder, "status", "--porcelain", "--untracked-files=no").decode()
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": None, "dirty": None, "diff_sha256": None}
+    skip = {os.path.relpath(os.path.realpath(p), os.path.realpath(root)) for p in ignore}
+    dirty = [line[3:] for line in status.splitlines() if line[3:] not in skip]
+    diff = hashlib.sha256(_git(root, "diff", "--binary", "HEAD", "--", *dirty)).hexdigest() if dirty else None
+    return {"commit": head, "dirty": dirty, "diff_sha256": diff}
 
 
 @torch.no_grad()
@@ -214,23 +234,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="vlae-mnist", help="entry name of the model (default: vlae-mnist)")
     p.add_argument("--classifier-name", default="mnist-classifier", help="entry name of the classifier")
     p.add_argument("--out", default=FOLDER, help="output folder (default: the installed pyro_vlae/pretrained/)")
-    p.add_argument("--commit", help="commit the run was trained at (default: HEAD of the checkout, with its changes)")
+    p.add_argument("--commit", help="commit the run was trained at (default: HEAD of the exporting checkout)")
     p.add_argument("--dirty", help="with --commit: comma-separated tracked files that differed from it at training")
+    p.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="export from a checkout with uncommitted changes (or a run trained with some, --dirty); the changed "
+        "files and the SHA-256 of their diff are recorded",
+    )
     p.add_argument("--note", help="a line of provenance to keep in the .json files")
     p.add_argument("--no-classifier", action="store_true", help="export the model only")
     return p
 
 
+def provenance(args) -> dict:
+    """Which commit trained the run and which exported it; refuses uncommitted changes without ``--allow-dirty``.
+
+    :raises ValueError: naming the changed files and the flag.
+    """
+    names = [args.name] + ([] if args.no_classifier else [args.classifier_name])
+    outputs = [os.path.join(args.out, n + ext) for n in names for ext in (".pt", ".json")]
+    exported = git_commit(CHECKOUT, ignore=outputs)
+    if exported["commit"] is None and not args.allow_dirty:
+        raise ValueError(
+            f"{CHECKOUT} is not a git checkout, so the export cannot name the code: export from a clone of the "
+            "repository, or pass --allow-dirty to record no commit"
+        )
+    if exported["dirty"] and not args.allow_dirty:
+        raise ValueError(
+            f"the checkout {CHECKOUT} has uncommitted changes in {', '.join(exported['dirty'])}: commit them so that "
+            "the provenance names code that reproduces the weights, or pass --allow-dirty to export anyway with the "
+            "SHA-256 of the changes recorded"
+        )
+    trained_dirty = args.dirty.split(",") if args.dirty else []
+    if trained_dirty and not args.allow_dirty:
+        raise ValueError(
+            f"--dirty says the run was trained with uncommitted changes in {', '.join(trained_dirty)}: retrain it "
+            "from a clean commit, or pass --allow-dirty to export it with those files named"
+        )
+    if args.commit:
+        trained = {"commit": args.commit, "dirty": trained_dirty, "source": "stated with --commit and --dirty"}
+    else:
+        trained = {**exported, "source": "the exporting checkout (no --commit given)"}
+    return {"commit": trained["commit"], "dirty": trained["dirty"], "trained_at": trained, "exported_at": exported}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commit = git_commit(os.path.dirname(FOLDER))
-    if args.commit:
-        commit = {"commit": args.commit, "dirty": args.dirty.split(",") if args.dirty else None}
-    if args.note:
-        commit["note"] = args.note
     try:
         if not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out} is not a folder; create it first")
+        commit = provenance(args)
+        if args.note:
+            commit["note"] = args.note
         config = read_json_dict(os.path.join(args.run_dir, "config.json"))
         if not config:
             raise CheckpointError(f"{args.run_dir} has no readable config.json; is it a run folder?")

@@ -150,6 +150,7 @@ def _mnist_rows(row, evals):
 
 _DIS = ("evaluation", "test", "disentanglement")
 _SCORES = ("mig", "mig_sup", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap")
+_LAYER_SCORES = ("mig", "mig_sup", "dci_informativeness", "sap")
 
 
 def _factor_names(evals):
@@ -186,10 +187,12 @@ def _shapes3d_rows(row, evals):
         row(f"KL {l} (nats)", lambda e, l=l: _get(e, "evaluation", "test", "latents", l, "kl"))
         row(f"active units {l}", lambda e, l=l: _get(e, "evaluation", "test", "latents", l, "active_units"))
         row(f"variance share {l}", lambda e, l=l: _get(e, "layers", "layers", l, "variance_share"))
-    for key in _SCORES:
+    for key in _SCORES:  # a layer has no DCI disentanglement or completeness (see evaluation.assignment)
         row(f"{key}, all codes", lambda e, key=key: _get(e, *_DIS, "overall", "summary", key))
-        for l in layers:
-            row(f"{key}, {l} alone", lambda e, key=key, l=l: _get(e, *_DIS, "layers", l, "summary", key))
+        if key == "mig":
+            row("mig, active dims only", lambda e: _get(e, *_DIS, "active", "mig", "mig"))
+        for l in layers if key in _LAYER_SCORES else ():
+            row(f"{key}, {l} alone (active dims)", lambda e, key=key, l=l: _get(e, *_DIS, "layers", l, "summary", key))
     for k, f in enumerate(_factor_names(evals)):  # is the factor in the codes at all? (DCI's test accuracy)
         row(f"accuracy on `{f}` from all codes (chance)", lambda e, k=k: _accuracy(_get(e, *_DIS, "overall", "dci"), k))
     for how, key in (("information share", "assigned_layer"), ("DCI importance", "assigned_layer_by_importance"),
@@ -199,8 +202,9 @@ def _shapes3d_rows(row, evals):
 
 
 def share_tables(folders, key="mi_mass") -> str:
-    """Per run, a factor-by-layer table of ``assignment[key]``: ``mi_mass`` (each factor's share of information per
-    layer) or ``best_unit_nmi`` (the normalised information of the layer's best single dim about the factor)."""
+    """Per run, a factor-by-layer table of ``assignment[key]``, over active dims: ``mi_mass`` (each factor's share of
+    information per layer), ``importance_share`` (each factor's share of DCI importance per layer; ``-`` for a factor
+    at chance) or ``best_unit_nmi`` (the normalised information of the layer's best single dim about the factor)."""
     out = []
     for tag, folder in folders:
         with open(os.path.join(folder, "eval.json")) as fh:
@@ -210,7 +214,7 @@ def share_tables(folders, key="mi_mass") -> str:
         out += [f"\n{tag}: {key} (rows: factors; columns: layers)\n", "| factor | " + " | ".join(a["layers"]) + " |"]
         out.append("|---|" + "---|" * len(a["layers"]))
         for k, f in enumerate(a["factors"]):
-            out.append(f"| {f} | " + " | ".join(_fmt(float(m[k]), 2) for m in a[key]) + " |")
+            out.append(f"| {f} | " + " | ".join(_fmt(None if m[k] is None else float(m[k]), 2) for m in a[key]) + " |")
     return "\n".join(out)
 
 
@@ -262,8 +266,8 @@ def main(argv=None):
             print(f"\n### {dataset}\n")
             print(TABLES[dataset](folders))
             if dataset == "shapes3d":
-                print(share_tables(folders, "mi_mass"))
-                print(share_tables(folders, "best_unit_nmi"))
+                for key in ("mi_mass", "importance_share", "best_unit_nmi"):
+                    print(share_tables(folders, key))
             sys.stdout.flush()
 
 

@@ -13,8 +13,8 @@ estimators it uses, so their numbers can be compared with published ones:
 * :func:`dci` -- disentanglement, completeness, informativeness (Eastwood & Williams 2018), gradient-boosted trees.
 * :func:`mig_sup` -- MIG-sup (Li et al. 2020), from the same mutual information as MIG.
 * :func:`dci_lda` -- a variant of DCI with closed-form linear discriminant analysis in place of the trees.
-* :func:`evaluate_all` -- MIG, MIG-sup, DCI and SAP over all latents and per layer (group of code dims), and the
-  factor-by-layer assignment.
+* :func:`evaluate_all` -- MIG, MIG-sup, DCI and SAP over all latents; per layer (group of code dims) the scores
+  that can vary with a layer's data, over its active dims, and the factor-by-layer assignment.
 
 The estimator choices are listed in :data:`ESTIMATOR_NOTES`, which is appended to this docstring.
 """
@@ -25,12 +25,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import assignment as A
 from .estimators import (
     factor_entropies,
     mig_result,
     mig_sup_result,
     mutual_info_matrix,
-    normalized_mi,
     parse_groups,
     prepare,
     sap_result,
@@ -130,14 +130,26 @@ the same formulas with importances ``mean_c |w_cj - mean_c' w_c'j|`` (normalised
 closed-form linear discriminant analysis on the standardised codes (``w_c = (S + ridge I)^-1 mu_c``, pooled
 within-class covariance ``S``, class means ``mu_c``, ``ridge`` default ``1e-6``).
 
-Layers. ``evaluate_all`` computes the metrics on each group of code dims on its own: MIG, MIG-sup and SAP from the
-rows of the shared per-dim MI and SAP score matrices (SAP's classifiers see one dim each, so this equals a refit), DCI
-refitted on the group. It builds three ``(L, K)`` assignment matrices: ``mi_mass[l, k] = sum_{j in l} I(c_j; v_k) /
-sum_j I(c_j; v_k)`` (each column sums to 1 over layers when the groups cover all dims), ``importance_mass[l, k] =
-sum_{j in l} R_jk`` from the DCI fit on all dims, and ``best_unit_nmi[l, k] = max_{j in l} n_jk``, how well the best
-single dim of the layer captures the factor. Each factor is assigned to the layer with the largest entry:
-``assigned_layer`` by ``mi_mass``, ``assigned_layer_by_importance`` by ``importance_mass`` and
-``assigned_layer_by_top_dim`` by ``best_unit_nmi`` (the layer of the dim with the largest MI, the dim MIG credits).
+Layers. ``evaluate_all`` computes disentanglement_lib's scores on all code dims (``overall``), and per group of
+code dims (a layer) only numbers that can vary with the data. Active dims: a dim is active when the variance of its
+values across the kept rows exceeds ``active_variance`` (default 0.01, Burda et al.'s active units, the report's
+threshold); equal-width bins ignore scale, so the near-constant posterior means of a collapsed layer would otherwise
+look informative. Per layer: MIG and MIG-sup from the rows of the shared per-dim MI matrix with inactive dims counted
+as 0; SAP from the rows of the shared SAP score matrix (its classifiers see one dim each, so this equals a refit);
+DCI informativeness from the classifiers refitted on the layer's active dims (``None`` without any); and
+``importance_share[k]``, the layer's share of factor ``k``'s importance in the DCI fit on all codes, ``sum_{j in l,
+active} R_jk / sum_{j active} R_jk``. A layer's own DCI disentanglement and completeness are not computed (earlier
+versions did): with one or two dims per layer they are fixed by the estimator, not the data (each importance column
+sums to 1, so a single dim has ``D = 0`` and ``C = 1`` whatever it encodes). A factor is predicted when the fit on all
+codes beats the majority-class rate ``c`` of the test rows by ``3 sqrt(c (1 - c) / n_test)``; the importance of a
+factor at chance is noise, so its shares are ``None``. ``overall`` keeps every dim, as disentanglement_lib does;
+``active["mig"]`` is the MIG of the active dims beside it. The assignment has three ``(L, K)`` matrices over active
+dims: ``mi_mass[l, k] = sum_{j in l} I(c_j; v_k) / sum_j I(c_j; v_k)`` (each column sums to 1 over layers when the
+groups cover all dims), ``importance_share`` as above, and ``best_unit_nmi[l, k] = max_{j in l} n_jk``, how well the
+best single dim of the layer captures the factor. Each predicted factor is assigned to the layer with the largest
+entry: ``assigned_layer`` by ``mi_mass``, ``assigned_layer_by_importance`` by ``importance_share`` and
+``assigned_layer_by_top_dim`` by ``best_unit_nmi`` (the layer of the dim with the largest MI, the dim MIG credits); a
+factor at chance, or carried by no active dim, is assigned to no layer (``None``).
 """
 
 __doc__ = (__doc__ or "") + ESTIMATOR_NOTES
@@ -257,47 +269,20 @@ def sap(
 
 
 def _bundle(mi, h, scores, dci_result, active_threshold) -> dict:
+    """Every score of one set of code dims; a layer's ``dci_result`` (:func:`.assignment.layer_dci`) has no D or C."""
     res = {
         "mig": mig_result(mi, h),
         "mig_sup": mig_sup_result(mi, h, active_threshold),
         "dci": dci_result,
         "sap": sap_result(scores),
     }
-    res["summary"] = {
-        "mig": res["mig"]["mig"],
-        "mig_sup": res["mig_sup"]["mig_sup"],
-        "dci_disentanglement": dci_result["disentanglement"],
-        "dci_completeness": dci_result["completeness"],
-        "dci_informativeness": dci_result["informativeness"],
-        "sap": res["sap"]["sap"],
-    }
+    res["summary"] = {"mig": res["mig"]["mig"], "mig_sup": res["mig_sup"]["mig_sup"]}
+    if "disentanglement" in dci_result:
+        res["summary"]["dci_disentanglement"] = dci_result["disentanglement"]
+        res["summary"]["dci_completeness"] = dci_result["completeness"]
+    res["summary"]["dci_informativeness"] = dci_result["informativeness"]
+    res["summary"]["sap"] = res["sap"]["sap"]
     return res
-
-
-def _assignment(layers, names, mi, h, importance) -> dict:
-    total = mi.sum(axis=0)
-    mi_mass = np.array([mi[dims].sum(axis=0) for _, dims in layers]) / np.where(total > 0, total, 1.0)
-    imp_mass = np.array([importance[dims].sum(axis=0) for _, dims in layers])
-    nmi = normalized_mi(mi, h)
-    best = np.array([nmi[dims].max(axis=0) for _, dims in layers])
-    layer_names = [name for name, _ in layers]
-
-    def assign(mass):
-        return {
-            name: (layer_names[int(mass[:, k].argmax())] if mass[:, k].sum() > 0 else None)
-            for k, name in enumerate(names)
-        }
-
-    return {
-        "layers": layer_names,
-        "factors": names,
-        "mi_mass": mi_mass.tolist(),
-        "importance_mass": imp_mass.tolist(),
-        "best_unit_nmi": best.tolist(),
-        "assigned_layer": assign(mi_mass),
-        "assigned_layer_by_importance": assign(imp_mass),
-        "assigned_layer_by_top_dim": assign(best),
-    }
 
 
 def evaluate_all(
@@ -309,6 +294,7 @@ def evaluate_all(
     num_bins: int = 20,
     binning: str = "equal_width",
     active_threshold: float = 0.1,
+    active_variance: float = A.ACTIVE_VARIANCE,
     train_frac: float = 0.8,
     dci_estimator: str = "gbt",
     sap_standardize: bool = False,
@@ -325,16 +311,23 @@ def evaluate_all(
     :param num_bins: bins per code dim for the MI estimates.
     :param binning: ``"equal_width"`` (disentanglement_lib's) or ``"quantile"``.
     :param active_threshold: MIG-sup activity threshold on normalised MI.
+    :param active_variance: a code dim is active when the variance of its values across the kept rows exceeds this
+        (Burda et al.'s active units; the report's threshold). Only active dims enter the per-layer information,
+        the layers' importance shares and DCI fits, and the assignments; the overall scores use every dim.
     :param train_frac: train fraction for DCI and SAP.
     :param dci_estimator: ``"gbt"`` (:func:`dci`, disentanglement_lib's) or ``"lda"`` (:func:`dci_lda`, fast).
     :param sap_standardize: passed to :func:`sap` as ``standardize``.
     :param seed: seed of the subsample, the split and the classifiers.
     :param max_samples: rows kept (seeded subsample); ``None`` keeps all.
     :return: JSON-serialisable dict with keys ``n_samples``, ``n_samples_total``, ``n_codes``, ``n_factors``,
-        ``factor_names``, ``settings``, ``overall`` (``{"summary", "mig", "mig_sup", "dci", "sap"}``), ``layers``
-        (name -> the same plus ``dims``; empty without groups) and ``assignment`` (``None`` without groups, else
-        ``{"layers", "factors", "mi_mass": [L][K], "importance_mass": [L][K], "best_unit_nmi": [L][K],
-        "assigned_layer", "assigned_layer_by_importance", "assigned_layer_by_top_dim"}``, each ``{factor: layer}``).
+        ``factor_names``, ``settings``, ``overall`` (``{"summary", "mig", "mig_sup", "dci", "sap"}`` on all dims, as
+        disentanglement_lib), ``active`` (``{"threshold", "dims", "variance", "mig"}``: the active dims and the MIG of
+        the active dims alone), ``layers`` (name -> ``{"dims", "active_dims", "summary", "mig", "mig_sup", "dci",
+        "sap"}``, where the layer's ``dci`` holds the informativeness of a fit on its active dims and its
+        ``importance_share`` per factor, and no D or C; empty without groups) and ``assignment`` (``None`` without
+        groups, else ``{"layers", "factors", "active_dims", "predicted", "mi_mass": [L][K], "importance_share":
+        [L][K], "best_unit_nmi": [L][K], "assigned_layer", "assigned_layer_by_importance",
+        "assigned_layer_by_top_dim"}``, each assignment ``{factor: layer or None}``).
     :raises ValueError: on malformed input, groups, factor names or estimator.
     """
     x, y, cards, n_total = prepare(codes, factors, max_samples, seed, MIN_SAMPLES)
@@ -344,6 +337,8 @@ def evaluate_all(
         raise ValueError(f"factor_names must be {n_factors} distinct names; got {list(names)}")
     if dci_estimator not in DCI_ESTIMATORS:
         raise ValueError(f"dci_estimator must be one of {DCI_ESTIMATORS}; got {dci_estimator!r}")
+    if isinstance(active_variance, bool) or not isinstance(active_variance, (int, float)) or not active_variance >= 0:
+        raise ValueError(f"active_variance must be a number >= 0; got {active_variance!r}")
     layers = parse_groups(groups, n_dims) if groups is not None else []
     mi = mutual_info_matrix(x, y, cards, num_bins, binning)
     h = factor_entropies(y)
@@ -361,6 +356,7 @@ def evaluate_all(
             "num_bins": int(num_bins),
             "binning": binning,
             "active_threshold": float(active_threshold),
+            "active_variance": float(active_variance),
             "train_frac": float(train_frac),
             "seed": int(seed),
             "max_samples": None if max_samples is None else int(max_samples),
@@ -371,13 +367,28 @@ def evaluate_all(
         "layers": {},
         "assignment": None,
     }
+    active = A.active_mask(x, active_variance)
+    mi_active = np.where(active[:, None], mi, 0.0)
+    result["active"] = {
+        "threshold": float(active_variance),
+        "dims": np.flatnonzero(active).tolist(),
+        "variance": x.var(axis=0, ddof=1).tolist(),
+        "mig": mig_result(mi_active, h),
+    }
     if not layers:
         return result
-    for name, dims in layers:
-        layer_dci = dci_result(x[:, dims], y, split, dci_estimator, seed, 1e-6)
+    fit = A.fit_active(x, y, split, active, overall_dci, dci_estimator, seed)
+    predicted = A.predicted_factors(fit, len(te), n_factors)
+    importance = np.asarray(fit["importance"]) if fit is not None else np.zeros((n_dims, n_factors))
+    shares = A.importance_shares(layers, importance, active, predicted)
+    result["active"]["dci"] = fit
+    for i, (name, dims) in enumerate(layers):
+        live = dims[active[dims]]
+        own = dci_result(x[:, live], y, split, dci_estimator, seed, 1e-6) if live.size else None
         result["layers"][name] = {
             "dims": dims.tolist(),
-            **_bundle(mi[dims], h, scores[dims], layer_dci, active_threshold),
+            "active_dims": live.tolist(),
+            **_bundle(mi_active[dims], h, scores[dims], A.layer_dci(own, shares[i], n_factors), active_threshold),
         }
-    result["assignment"] = _assignment(layers, names, mi, h, np.asarray(overall_dci["importance"]))
+    result["assignment"] = A.assignment(layers, names, mi, h, shares, active, predicted)
     return result

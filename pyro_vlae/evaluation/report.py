@@ -315,6 +315,12 @@ def _gibbs_section(gibbs) -> list:
     return lines
 
 
+def _share_table(a, key: str, assigned: str) -> list:
+    rows = [[layer] + list(a[key][i]) for i, layer in enumerate(a["layers"])]
+    rows.append(["assigned layer"] + [a[assigned].get(f) for f in a["factors"]])
+    return _table(["layer"] + list(a["factors"]), rows)
+
+
 def _disentanglement_section(dis) -> list:
     if not dis:
         return []
@@ -325,17 +331,23 @@ def _disentanglement_section(dis) -> list:
     for name, res in dis.get("layers", {}).items():
         rows.append([name] + [res.get("summary", {}).get(c) for c in cols])
     lines += _table(["codes"] + [_label(c) for c in cols], rows)
-    a = dis.get("assignment")
+    a, settings = dis.get("assignment"), dis.get("settings") or {}
     if a:
-        lines += ["Factor-by-layer assignment: share of each factor's mutual information carried by each layer.", ""]
-        rows = [[layer] + list(a["mi_mass"][i]) for i, layer in enumerate(a["layers"])]
-        rows.append(["assigned layer"] + [a["assigned_layer"].get(f, "-") for f in a["factors"]])
-        lines += _table(["layer"] + list(a["factors"]), rows)
-    lda = (dis.get("settings") or {}).get("dci_estimator") == "lda"
+        t = settings.get("active_variance")
+        active = "active dims only" + (f" (posterior-mean variance > {fmt(t)})" if t else "")
+        lines += [f"Share of each factor's mutual information carried by each layer, over {active}.", ""]
+        lines += _share_table(a, "mi_mass", "assigned_layer")
+        if "importance_share" in a:
+            lines += ["Share of each factor's DCI importance (fit on the active codes) carried by each layer; `-` "
+                      "where the codes do not predict the factor above chance.", ""]  # fmt: skip
+            lines += _share_table(a, "importance_share", "assigned_layer_by_importance")
+    lda = settings.get("dci_estimator") == "lda"
     dci = "DCI from the LDA variant, not comparable with published DCI" if lda else "DCI from gradient-boosted trees"
     lines.append(
         f"{dis.get('n_samples')} test items; MIG, SAP and DCI as defined in disentanglement_lib ({dci}, SAP from a "
-        "linear SVM on each code dim; see `pyro_vlae.evaluation.disentangle`)."
+        "linear SVM on each code dim; see `pyro_vlae.evaluation.disentangle`), on all codes. Per layer: MIG, MIG-sup "
+        "and DCI informativeness over the layer's active dims, and SAP; no DCI disentanglement or completeness (`-`): "
+        "with one or two dims per layer the estimator, not the data, would decide them."
     )
     return lines + [""]
 

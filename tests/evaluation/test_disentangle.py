@@ -174,7 +174,7 @@ def test_evaluate_all_layers_and_assignment(perfect, factors, perfect_dci):
     for key in ("assigned_layer", "assigned_layer_by_importance", "assigned_layer_by_top_dim"):
         assert a[key] == truth, key
     true_layer = np.array([0, 1, 1])
-    for key in ("mi_mass", "importance_mass"):
+    for key in ("mi_mass", "importance_share"):
         mass = np.array(a[key])
         assert mass.shape == (2, 3)
         np.testing.assert_allclose(mass.sum(axis=0), 1.0, atol=1e-9)
@@ -183,6 +183,7 @@ def test_evaluate_all_layers_and_assignment(perfect, factors, perfect_dci):
     z1 = res["layers"]["z1"]["dci"]["informativeness_per_factor"]
     assert z1[0] == 1.0 and max(z1[1:]) < 0.6  # z1 alone knows the shape only
     assert res["layers"]["z2"]["dci"]["informativeness_per_factor"][1:] == [1.0, 1.0]
+    assert res["layers"]["z2"]["dci"]["importance_share"] == a["importance_share"][1]
     # the overall and per-layer numbers are those of the individual functions on those dims
     assert res["overall"]["summary"]["mig"] == mig(perfect, factors)["mig"]
     assert res["overall"]["summary"]["sap"] == sap(perfect, factors)["sap"]

@@ -113,6 +113,9 @@ def test_disentanglement_assignment_table():
     assert "| layer | shape | x |" in text and "| assigned layer | z1 | z2 |" in text
     assert f"| all layers | {R.fmt(dis['overall']['summary']['mig'])} |" in text
     assert R.fmt(dis["assignment"]["mi_mass"][0][0]) in text
+    assert "DCI importance (fit on the active codes)" in text and text.count("| assigned layer | z1 | z2 |") == 2
+    z1 = dis["layers"]["z1"]["summary"]  # a layer has no DCI disentanglement or completeness: "-" in their columns
+    assert f"| z1 | {R.fmt(z1['mig'])} | {R.fmt(z1['mig_sup'])} | - | - | {R.fmt(z1['dci_informativeness'])} |" in text
 
 
 def test_figures_are_linked_with_captions_in_reading_order(tmp_path):

@@ -1,0 +1,105 @@
+"""Per-layer numbers that can vary with the data: layers' shares of DCI importance over active dims, and the factor ->
+layer assignments, on codes whose answers are known (the cases of issue 24).
+
+Two factors with four uniform values each: ``encoded`` is carried by one dim (its index plus noise far below the
+spacing), ``chance`` by nothing, so no classifier beats the majority class on it.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pyro_vlae.evaluation.assignment import CHANCE_Z, predicted_factors
+from pyro_vlae.evaluation.disentangle import evaluate_all
+
+N = 400
+NAMES = ("encoded", "chance")
+RULES = ("assigned_layer", "assigned_layer_by_importance", "assigned_layer_by_top_dim")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    factors = rng.integers(0, 4, size=(N, 2))
+    perfect = factors[:, :1] + rng.normal(0.0, 0.02, size=(N, 1))
+    noise = rng.standard_normal((N, 1))
+    dead = 1e-3 * (factors[:, 1:] + rng.normal(0.0, 0.02, size=(N, 1)))  # variance ~1e-6: a collapsed layer
+    return factors, perfect, noise, dead
+
+
+def test_one_dim_that_encodes_one_factor(data):
+    """disentanglement_lib's all-codes D and C of one perfect dim are 0 and 1 whatever it encodes (each importance
+    column sums to 1); the layer's share varies: all of the encoded factor, none of a factor at chance."""
+    factors, perfect, _, _ = data
+    res = evaluate_all(perfect, factors, groups=[("a", [0])], factor_names=NAMES)
+    json.dumps(res, allow_nan=False)
+    assert res["overall"]["dci"]["disentanglement"] == pytest.approx(0.0, abs=1e-9)  # unchanged definition
+    assert res["overall"]["dci"]["completeness"] == pytest.approx(1.0, abs=1e-9)
+    layer = res["layers"]["a"]
+    assert "dci_disentanglement" not in layer["summary"] and "dci_completeness" not in layer["summary"]
+    assert "disentanglement" not in layer["dci"] and "completeness" not in layer["dci"]
+    assert layer["dci"]["importance_share"] == [1.0, None]
+    a = res["assignment"]
+    assert a["predicted"] == [True, False]
+    for rule in RULES:
+        assert a[rule] == {"encoded": "a", "chance": None}, rule
+
+
+def test_a_noise_dim_takes_no_share(data):
+    """Adding a noise dim: it takes almost none of the encoded factor's importance, and the importance of the factor
+    at chance (which the trees spread over both dims, about half on the noise dim) is credited to no layer."""
+    factors, perfect, noise, _ = data
+    res = evaluate_all(np.hstack([perfect, noise]), factors, groups=[("a", [0]), ("b", [1])], factor_names=NAMES)
+    imp = np.array(res["overall"]["dci"]["importance"])
+    assert imp[1, 1] > 0.2  # the trees do split on the noise dim for the factor at chance
+    share = res["assignment"]["importance_share"]
+    assert share[0][0] > 0.95 and share[1][0] < 0.05
+    assert share[0][1] is None and share[1][1] is None
+    assert res["layers"]["b"]["dci"]["importance_share"] == [share[1][0], None]
+    b = res["layers"]["b"]["dci"]
+    assert b["informativeness_per_factor"][0] < b["chance_per_factor"][0] + 0.1  # noise alone is at chance
+    for rule in RULES:
+        assert res["assignment"][rule] == {"encoded": "a", "chance": None}, rule
+
+
+def test_a_collapsed_layer_gets_no_share_and_no_factor(data):
+    """A layer with near-constant posterior means (variance ~1e-6, KL ~ 0) that still orders the items by a factor:
+    equal-width bins ignore scale, so counted, it would take that factor's information. Over active dims it gets
+    nothing; the all-dims MIG, disentanglement_lib's, still credits it, and stays beside the active-dims MIG."""
+    factors, perfect, noise, dead = data
+    codes = np.hstack([perfect, noise, dead])
+    groups = [("z1", [0, 1]), ("z2", [2])]
+    res = evaluate_all(codes, factors, groups=groups, factor_names=NAMES)
+    assert res["active"]["dims"] == [0, 1] and res["layers"]["z2"]["active_dims"] == []
+    a = res["assignment"]
+    assert a["mi_mass"][1] == [0.0, 0.0] and a["best_unit_nmi"][1] == [0.0, 0.0]
+    assert a["importance_share"][1] == [0.0, None]
+    assert a["predicted"] == [True, False]  # the refit on active dims cannot predict the factor only z2 holds
+    for rule in RULES:
+        assert a[rule] == {"encoded": "z1", "chance": None}, rule
+    z2 = res["layers"]["z2"]
+    assert z2["summary"]["mig"] == 0.0 and z2["summary"]["dci_informativeness"] is None
+    assert res["overall"]["mig"]["per_factor"][1] > 0.5  # all dims: the dead dim is MIG's top dim
+    assert res["active"]["mig"]["per_factor"][1] < 0.1
+    # Counting every dim (threshold 0), as before: the collapsed layer takes the factor by every rule.
+    old = evaluate_all(codes, factors, groups=groups, factor_names=NAMES, active_variance=0.0)
+    assert old["assignment"]["mi_mass"][1][1] > 0.5
+    for rule in RULES:
+        assert old["assignment"][rule]["chance"] == "z2", rule
+
+
+def test_predicted_factors_margin():
+    """Above chance means beating the majority-class rate c by CHANCE_Z binomial standard errors."""
+    c, n = 0.25, 400
+    edge = c + CHANCE_Z * math.sqrt(c * (1 - c) / n)
+    fit = {"informativeness_per_factor": [edge - 1e-9, edge + 1e-9, None], "chance_per_factor": [c, c, None]}
+    assert predicted_factors(fit, n, 3) == [False, True, None]
+    assert predicted_factors(None, n, 2) == [False, False]
+
+
+def test_active_variance_is_checked(data):
+    factors, perfect, _, _ = data
+    with pytest.raises(ValueError, match="active_variance"):
+        evaluate_all(perfect, factors, active_variance=-1.0)

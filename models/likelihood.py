@@ -28,6 +28,9 @@ class Likelihood(nn.Module):
         self.obs_scale = float(obs_scale)
         self.value_range = None if value_range is None else tuple(value_range)
         self.event_dim = len(image_shape)
+        # The fixed scale as a device tensor: a Python float would be turned into a new tensor (a host-to-device copy
+        # on CUDA) by every call.  Not persistent: state dicts hold what they always held.
+        self.register_buffer("fixed_scale", torch.tensor(self.obs_scale), persistent=False)
         if kind == "gaussian-learned":
             init = torch.log(torch.expm1(torch.tensor(self.obs_scale)))
             self.raw_scale = nn.Parameter(init.expand(image_shape[0], *(1,) * (self.event_dim - 1)).clone())
@@ -40,13 +43,19 @@ class Likelihood(nn.Module):
             return raw
         return squash(raw, self.value_range)
 
+    def _fixed_scale(self, raw: torch.Tensor) -> torch.Tensor:
+        """``obs_scale`` as a tensor of ``raw``'s dtype (the buffer, unless ``raw`` has another dtype)."""
+        if self.fixed_scale.dtype == raw.dtype:
+            return self.fixed_scale
+        return torch.tensor(self.obs_scale, dtype=raw.dtype, device=raw.device)
+
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
         if self.kind == "bernoulli":
             d = dist.Bernoulli(logits=raw)
         elif self.kind == "laplace":
-            d = dist.Laplace(self.mean(raw), self.obs_scale)
+            d = dist.Laplace(self.mean(raw), self._fixed_scale(raw))
         elif self.kind == "gaussian":
-            d = dist.Normal(self.mean(raw), self.obs_scale)
+            d = dist.Normal(self.mean(raw), self._fixed_scale(raw))
         else:
             scale = torch.nn.functional.softplus(self.raw_scale) + 1e-3
             d = dist.Normal(self.mean(raw), scale.expand_as(raw))

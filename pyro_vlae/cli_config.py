@@ -20,6 +20,7 @@ from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
 from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights
+from .training.step import CUDA_GRAPH_MODES, use_cuda_graph
 
 
 def _int_at_least(lowest: int, what: str):
@@ -70,6 +71,12 @@ def _latent_dims(text):
     return dims
 
 
+def _on_off(text):
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 def _schedule(text):
     try:
         KLSchedule(text)
@@ -117,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="vlae only: steps per layer of a progressive fade-in of lower layers (0: off; default: the preset's)",
     )
     p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument(
+        "--cuda-graph",
+        choices=CUDA_GRAPH_MODES,
+        help="capture the training step in a CUDA graph after the validated steps: auto (on CUDA; default), on (CUDA "
+        "only) or off; a failed capture trains eagerly with one warning",
+    )
+    p.add_argument(
+        "--tf32",
+        type=_on_off,
+        metavar="{on,off}",
+        help="on CUDA, matrix products and convolutions in TF32 (on; default) or full float32 (off)",
+    )
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--data-dir", default="data", help="where datasets are looked for (default: ./data)")
     p.add_argument("--sprites-size", type=int, choices=[32, 64], help="sprites image size (default: from preset)")
@@ -163,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FLAGS = ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection")
 TRAIN_FLAGS = (
     "num_steps", "batch_size", "lr", "anneal", "elbo", "log_every", "checkpoint_every", "fade_in", "keep_every",
+    "cuda_graph", "tf32",
 )  # fmt: skip
 
 
@@ -213,6 +233,7 @@ def config_from_args(args, image_shape, cuda: bool) -> RunConfig:
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over)
     P.check_image_shape(model, image_shape, args.dataset)
+    use_cuda_graph(train.cuda_graph, "cuda" if cuda else "cpu")  # refuses --cuda-graph on without CUDA
     config = RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
     return _checked(config, args, from_preset=True)
 
@@ -269,8 +290,10 @@ def resume_conflicts(args, saved: RunConfig) -> list:
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.model, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.model, flag)})")
-    for flag in ("batch_size", "lr", "anneal", "elbo", "fade_in"):
-        value = getattr(args, flag)
-        if value is not None and value != getattr(saved.train, flag):
-            out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.train, flag)})")
+    for flag in ("batch_size", "lr", "anneal", "elbo", "fade_in", "cuda_graph", "tf32"):
+        value, saved_value = getattr(args, flag), getattr(saved.train, flag)
+        if value is not None and value != saved_value:
+            shown = {True: "on", False: "off"} if flag == "tf32" else {}
+            value, saved_value = shown.get(value, value), shown.get(saved_value, saved_value)
+            out.append(f"--{flag.replace('_', '-')} {value} (the run has {saved_value})")
     return out

@@ -304,8 +304,16 @@ def squash(raw: torch.Tensor, value_range) -> torch.Tensor:
 # Argument checks shared by every model and guide (plain Python, no Pyro).
 
 
-def check_kl_scale(kl_scale) -> float:
-    """Return ``kl_scale`` as a float, or raise if it is not a positive finite number."""
+def check_kl_scale(kl_scale):
+    """Return ``kl_scale`` as a float, or raise if it is not a positive finite number.
+
+    A tensor (the training step's device scalar, changed in place every step) is returned unchanged and not read:
+    reading it would stop the host at every step.  ``poutine.scale`` checks a tensor scale ``> 0`` while Pyro's
+    validation is on, and the training schedules never go below
+    :data:`~pyro_vlae.training.annealing.MIN_KL_SCALE`.
+    """
+    if torch.is_tensor(kl_scale):
+        return kl_scale
     value = float(kl_scale)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(

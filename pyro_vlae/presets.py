@@ -30,6 +30,9 @@ class TrainConfig:
     :param keep_every: steps between checkpoints kept as ``step<k>.pt`` besides ``latest.pt`` (0: none).
     :param fade_in: VLAE only: steps per layer of the progressive fade-in of lower layers (0: off), see
         :func:`pyro_vlae.training.annealing.ladder_gains`.
+    :param cuda_graph: ``"auto"`` (capture the training step in a CUDA graph on CUDA), ``"on"`` (CUDA only) or
+        ``"off"``, see :mod:`pyro_vlae.training.step`.  Changes the speed, not the step.
+    :param tf32: on CUDA, matrix products and convolutions in TF32 (``True``) or full float32.
     """
 
     num_steps: int = 5000
@@ -41,6 +44,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_every: int = 0
     fade_in: int = 0
+    cuda_graph: str = "auto"
+    tf32: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,10 +1,11 @@
 """The SVI training loop: ``data -> model/guide -> SVI -> checkpoint``, in small named steps.
 
-:func:`next_batch` reads a step's images, :func:`set_fade_in` sets the VLAE's ladder gains, :func:`train_step` takes
-one SVI step, :func:`check_loss` stops on a NaN, :class:`StepLog` writes one record to ``metrics.jsonl`` and
-:func:`save_run_checkpoint` writes ``checkpoints/latest.pt`` atomically.  :func:`fit` strings them together with
-deterministic data order (so a resumed run continues exactly) and SIGINT/SIGTERM handling.  Under torchrun the same
-loop trains data-parallel through :mod:`pyro_vlae.training.distributed`, with only rank 0 writing.
+:class:`~pyro_vlae.training.batches.Batches` reads a step's images, :func:`set_fade_in` sets the VLAE's ladder gains,
+:func:`train_step` takes one SVI step (:mod:`pyro_vlae.training.step`: no host read, eager or in a CUDA graph),
+:func:`read_loss` reads its device accumulators and stops on a NaN, :class:`StepLog` writes one record to
+``metrics.jsonl`` and :func:`save_run_checkpoint` writes ``checkpoints/latest.pt`` atomically.  :func:`fit` strings them
+together with deterministic data order (so a resumed run continues exactly) and SIGINT/SIGTERM handling.  Under
+torchrun the same loop trains data-parallel through :mod:`pyro_vlae.training.distributed`, with only rank 0 writing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 
 import pyro
 import torch
-from pyro.infer import SVI
 from pyro.infer.util import is_validation_enabled
 
 from . import distributed
@@ -27,15 +27,17 @@ from .batches import Batches, BatchOrder, fetch_batch, next_batch  # noqa: F401 
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
 from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint
+from .step import make_step, tf32, use_cuda_graph
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
-def train_step(svi: SVI, x: torch.Tensor, kl_scale: float) -> float:
-    """One SVI step on the batch ``x``; returns the (KL-scaled) negative ELBO summed over the batch."""
-    return svi.step(x, kl_scale=kl_scale)
+def train_step(stepper, x: torch.Tensor, kl_scale: float):
+    """One SVI step on the batch ``x``: the (KL-scaled) negative ELBO summed over the batch, as a device tensor that is
+    not read (:class:`~pyro_vlae.training.step.GraphSafeStep`) or as a float (``SVI``-like steps, data-parallel)."""
+    return stepper.step(x, kl_scale=kl_scale)
 
 
 @torch.no_grad()
@@ -132,22 +134,48 @@ def is_finite(loss: float) -> bool:
     return isinstance(loss, float) and math.isfinite(loss)
 
 
-def set_fade_in(model, config: RunConfig, step: int) -> None:
+def set_fade_in(model, config: RunConfig, step: int, current: list | None = None) -> list | None:
     """Set the VLAE's ladder gains for ``step`` of the fade-in (all 1 when the run has none, also when a resumed
-    checkpoint holds the gains of an earlier schedule)."""
-    if hasattr(model, "ladder_gain"):
-        gains = ladder_gains(step, config.model.num_layers, config.train.fade_in)
-        model.ladder_gain.copy_(torch.tensor(gains, dtype=model.ladder_gain.dtype))
+    checkpoint holds the gains of an earlier schedule); returns them.
+
+    ``current`` is what the previous call returned: only gains that differ from it are written, each with a fill
+    kernel (no tensor is made from host data), so a step outside the ramp changes nothing on the device.
+    """
+    if not hasattr(model, "ladder_gain"):
+        return None
+    gains = ladder_gains(step, config.model.num_layers, config.train.fade_in)
+    for i, g in enumerate(gains):
+        if current is None or current[i] != g:
+            model.ladder_gain[i].fill_(g)
+    return gains
 
 
 def check_loss(loss, step: int, last_good: str | None) -> None:
     """:raises TrainingDiverged: when ``loss``, the loss of step ``step + 1``, is NaN or infinite."""
     if not is_finite(float(loss)):
-        raise TrainingDiverged(
-            f"the loss became {loss} at step {step + 1}; training stopped. The last good checkpoint is "
-            f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
-            "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
-        )
+        raise diverged(loss, step + 1, last_good)
+
+
+def diverged(loss, step: int, last_good: str | None) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"the loss became {loss} at step {step}; training stopped. The last good checkpoint is "
+        f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
+        "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
+    )
+
+
+def read_loss(stepper, loss, last_good: str | None) -> float:
+    """The loss of the last step on the host: ``loss`` itself when it is a float (checked when it was returned), else
+    read from the step's device accumulators (:meth:`~pyro_vlae.training.step.GraphSafeStep.read`).
+
+    :raises TrainingDiverged: when a step since the start had a NaN or infinite loss, naming the first.
+    """
+    if not torch.is_tensor(loss):
+        return float(loss)
+    stats = stepper.read()
+    if stats.first_bad is not None:
+        raise diverged(stats.bad_loss, stats.first_bad, last_good)
+    return stats.loss
 
 
 def restore(resume: dict, model, guide, optim, config: RunConfig) -> int:
@@ -190,6 +218,18 @@ class StepLog:
         return self.last
 
 
+def make_stepper(config: RunConfig, model, guide, optim, svi, device, par, validate_all: bool, log=print):
+    """The step :func:`fit` takes: the graph-safe step (:mod:`pyro_vlae.training.step`), captured in a CUDA graph when
+    ``config.train.cuda_graph`` asks for one on ``device``; under torchrun, the data-parallel SVI step."""
+    if par.world_size > 1:
+        return par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
+    graph = use_cuda_graph(config.train.cuda_graph, device)
+    if graph and validate_all:
+        log("note: --validate-all-steps reads tensors on the host at every step: the step is not captured in a graph")
+    warn = lambda msg: log(f"warning: {msg}")  # noqa: E731
+    return make_step(model, guide, optim, config.train.elbo, device, graph=graph and not validate_all, warn=warn)
+
+
 def fit(
     config: RunConfig,
     bundle,
@@ -205,7 +245,11 @@ def fit(
 
     Pyro's validation (distribution arguments, supports, plate shapes) checks the first :data:`VALIDATED_STEPS`
     steps of every start or resume and is then switched off for speed, as Pyro advises for a model that has
-    passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  A NaN loss is caught either way.
+    passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  The step reads nothing on the
+    host: its loss and a finite check are read every ``log_every`` steps and before every checkpoint, so a NaN loss
+    stops the run at the next of those, naming the step where it appeared, and no checkpoint is written after it.
+    On CUDA the step is captured in a CUDA graph after the validated steps (``config.train.cuda_graph``) and matrix
+    products use TF32 unless ``config.train.tf32`` is off.
 
     :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
     :raises ValueError: for settings :func:`~pyro_vlae.training.runs.check_objective` refuses.
@@ -214,6 +258,7 @@ def fit(
 
     check_objective(config)
     tc = config.train
+    device = torch.device(device)
     par = distributed.current(device)  # SingleProcess outside torchrun: every call below is then the identity
     if par.is_lead:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -224,52 +269,50 @@ def fit(
     start = restore(resume, model, guide, optim, config) if resume is not None else 0
     last_good = ckpt_path if resume is not None else None
     model.train(), guide.train()
-    svi = par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
+    stepper = make_stepper(config, model, guide, optim, svi, device, par, validate_all, log)
+    if hasattr(stepper, "stats"):
+        stepper.stats.start(start)
     batches = Batches(bundle, tc.batch_size, config.seed, par, device, config.model.likelihood == "bernoulli")
     schedule = KLSchedule(tc.anneal)
     writer = open_tensorboard(run_dir, log) if par.is_lead else None
     validation = is_validation_enabled()
     step, interrupted = start, False
-    bar = tqdm(
-        total=tc.num_steps,
-        initial=start,
-        disable=not (progress and par.is_lead),
-        dynamic_ncols=True,
-        desc=config.model_kind,
-    )
-    with _StopSignals() as stop:  # kept until the final checkpoint is written
+    show = progress and par.is_lead
+    bar = tqdm(total=tc.num_steps, initial=start, disable=not show, dynamic_ncols=True, desc=config.model_kind)
+    with _StopSignals() as stop, tf32(device, tc.tf32):  # the handlers stay until the final checkpoint is written
         metrics_path = os.path.join(run_dir, "metrics.jsonl") if par.is_lead else os.devnull
         with open(metrics_path, "a" if par.is_lead else "w") as metrics:
             steplog = StepLog(metrics, writer, tc.log_every, tc.num_steps, par.is_lead)
             try:
-                set_fade_in(model, config, step)  # also resets gains a resumed checkpoint holds from another schedule
+                gains = set_fade_in(model, config, step)  # also resets the gains of a resumed earlier schedule
                 while step < tc.num_steps:
                     x = batches(step)
                     kl_scale = schedule(step)
-                    if tc.fade_in:  # without a fade-in the gains stay 1: no copy into the model on the hot path
-                        set_fade_in(model, config, step)
+                    if tc.fade_in:  # without a fade-in the gains stay 1: nothing to set on the hot path
+                        gains = set_fade_in(model, config, step, gains)
                     with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
-                        loss = train_step(svi, x, kl_scale)
-                    check_loss(loss, step, last_good)
+                        loss = train_step(stepper, x, kl_scale)
+                    if not torch.is_tensor(loss):  # a float is on the host already: check it at once
+                        check_loss(loss, step, last_good)
                     step += 1
                     if step == start + 1:
                         _check_every_parameter_trains(optim, model, guide)
                     steplog.count(x.shape[0] * par.world_size)
                     bar.update(1)
-                    if steplog.due(step):
-                        # the loss is summed over all ranks' images; the KLs are measured on rank 0's shard
-                        bar.set_postfix(
-                            postfix(steplog.write(model, guide, x, step, loss / par.world_size, kl_scale)),
-                            refresh=False,
-                        )
+                    if steplog.due(step):  # the loss is summed over all ranks' images; KLs on rank 0's shard
+                        value = read_loss(stepper, loss, last_good) / par.world_size
+                        bar.set_postfix(postfix(steplog.write(model, guide, x, step, value, kl_scale)), refresh=False)
                     if par.any(stop.raised):
                         interrupted = True
                         break
                     if step % tc.checkpoint_every == 0 and step < tc.num_steps:
+                        read_loss(stepper, loss, last_good)
                         last_good = ckpt_path
                         if par.is_lead:
                             keep = bool(tc.keep_every) and step % tc.keep_every == 0
                             save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+                if step > start:
+                    read_loss(stepper, loss, last_good)
             finally:
                 bar.close()
         if writer is not None:

@@ -13,6 +13,11 @@ parameter missing from a step is not moved.  :meth:`FusedAdam.get_state` writes 
 checkpoints written by either optimiser resume with the other.  Hyperparameters (``lr``, ``betas``...) always come
 from the constructor, not from the saved state, so a run resumed with another ``--lr`` uses it (``pyro.optim.Adam``
 restores the saved ones).
+
+:meth:`FusedAdam.capturable` makes the optimiser safe to capture in a CUDA graph (torch's ``capturable`` flag).  The
+fused kernel keeps its step counters on the device and computes the same update either way, so a run may switch to
+capture mid-way; the saved state does not record the flag (``capturable`` is written ``False``), so a graph run's
+checkpoint resumes in any mode and on any device.
 """
 
 from __future__ import annotations
@@ -119,6 +124,23 @@ class FusedAdam(PyroOptim):
         for p in params:
             p.grad = None
 
+    def capturable(self, on: bool = True) -> None:
+        """Mark every parameter group capturable (``on``) or not, as CUDA-graph capture of ``step`` requires.
+
+        Only the fused kernel may switch at any time (its step counters already live on the device and its update does
+        not depend on the flag); call after the first step, once the optimiser holds its parameters.
+
+        :raises RuntimeError: before the first step, or when the optimiser is not fused.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("FusedAdam.capturable: take one step first, so that the optimiser holds its parameters")
+        if on and not all(g.get("fused") for g in self.optimizer.param_groups):
+            raise RuntimeError("FusedAdam.capturable needs the fused kernel (fused=True or None on CUDA)")
+        for group in self.optimizer.param_groups:
+            group["capturable"] = bool(on)
+        # Replays do not call step(); an eager step of a capturable optimiser would only warn that it is slower.
+        self.optimizer._warned_capturable_if_run_uncaptured = True
+
     def untrained(self, modules) -> list:
         """Names of the parameters of ``modules`` that this optimiser does not hold (call after a step).
 
@@ -144,6 +166,7 @@ class FusedAdam(PyroOptim):
         for group, sd_group in zip(self.optimizer.param_groups, sd["param_groups"]):
             # The kernel choice stays with the optimiser that loads the state.
             hyper = {k: v for k, v in sd_group.items() if k not in ("params", "fused", "foreach")}
+            hyper["capturable"] = False  # a property of this process (CUDA-graph capture), not of the state
             for p in group["params"]:
                 state = {0: sd["state"][i]} if i in sd["state"] else {}
                 out[self._names[p]] = {"state": state, "param_groups": [{**hyper, "params": [0]}]}

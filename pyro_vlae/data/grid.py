@@ -21,6 +21,9 @@ class FactorGridDataset(Dataset):
     factor_sizes: tuple = ()
     #: ``staticmethod(f)`` with ``f(factors (N, K), size) -> float32 (N, C, size, size)``, set by each subclass.
     render = None
+    #: optional: a class ``R(size, device)`` whose instances map integer factors ``(N, K)`` on ``device`` to the images
+    #: :attr:`render` gives, bit for bit, drawn by torch on that device (see :meth:`renderer`).
+    device_render = None
 
     def __init__(self, indices, size: int = 64):
         if self.render is None or not self.factor_sizes:
@@ -39,6 +42,11 @@ class FactorGridDataset(Dataset):
         """The images ``(N, C, size, size)`` of the given items, rendered in one call."""
         return torch.from_numpy(self.render(self.factors(items), self.size))
 
+    def renderer(self, device) -> GridRenderer | None:
+        """A :class:`GridRenderer` drawing this dataset's items on ``device`` (``None`` without
+        :attr:`device_render`)."""
+        return None if self.device_render is None else GridRenderer(self, device)
+
     def __getitems__(self, items) -> list:
         f = self.factors(items)
         return list(zip(torch.from_numpy(self.render(f, self.size)), torch.from_numpy(f)))
@@ -47,4 +55,29 @@ class FactorGridDataset(Dataset):
         return self.__getitems__([i])[0]
 
 
-__all__ = ["FactorGridDataset"]
+class GridRenderer:
+    """The images of items of a :class:`FactorGridDataset`, drawn on ``device`` by its :attr:`~FactorGridDataset.
+    device_render`: ``renderer(items)`` with item indices (int64, on ``device``) equals ``dataset.images(items)``, bit
+    for bit, with no host read (the flat grid indices live on the device; factors are integer divisions).
+
+    :param dataset: the dataset whose items are drawn.
+    :param device: where the items' grid indices live and the images are drawn.
+    """
+
+    def __init__(self, dataset: FactorGridDataset, device):
+        self.device = torch.device(device)
+        self.flat = torch.from_numpy(dataset.indices).to(self.device)
+        sizes = dataset.factor_sizes
+        self.sizes, self.strides = sizes, [int(np.prod(sizes[k + 1 :], dtype=np.int64)) for k in range(len(sizes))]
+        self.draw = dataset.device_render(dataset.size, self.device)
+
+    def factors(self, items: torch.Tensor) -> torch.Tensor:
+        """Factor indices ``(N, K)`` of the given items, on the device (``np.unravel_index`` of their flat index)."""
+        flat = torch.index_select(self.flat, 0, items)
+        return torch.stack([flat // stride % size for stride, size in zip(self.strides, self.sizes)], dim=-1)
+
+    def __call__(self, items: torch.Tensor) -> torch.Tensor:
+        return self.draw(self.factors(items))
+
+
+__all__ = ["FactorGridDataset", "GridRenderer"]

@@ -99,6 +99,30 @@ def alternate(variants: dict, steps: int, repeats: int, device, batch: int = BAT
     return {k: errors.get(k) or statistics.median(v) for k, v in rates.items()}
 
 
+def device_time_us(events) -> float:
+    """Summed duration (microseconds) of the profiler events that ran on a CUDA device (kernels, copies, sets)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.time_range.elapsed_us() for e in events if e.device_type == cuda)
+
+
+def kernel_ms(step, device, steps=5) -> float | None:
+    """Kernel time per call of ``step()`` (milliseconds) from ``torch.profiler``; ``None`` off CUDA or when the
+    profiler saw no device work.  Host time between kernels is not counted: ``1 / kernel_ms`` is the step rate with
+    every host overhead removed."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    total = device_time_us(prof.events())
+    return total / steps / 1000 if total > 0 else None
+
+
 def matmul_gflops(device, m, k, n, repeats=5) -> float:
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
     reps = max(1, int(2e9 / (2 * m * k * n)))  # ~2 GFLOP per timing
@@ -160,8 +184,9 @@ def hand_loss(model, guide, x, kl_scale):
     return -(recon_logpdf(model, raw, x) - kl_scale * kl)
 
 
-def hand_step_fn(model, guide, x, lr, loss_fn=hand_loss, fused=None):
-    """One hand-written training step as a closure; ``fused=None`` uses the kernel training uses on this device."""
+def hand_step_fn(model, guide, x, lr, loss_fn=hand_loss, fused=None, read=True):
+    """One hand-written training step as a closure; ``fused=None`` uses the kernel training uses on this device.
+    ``read=False`` leaves the loss on the device (no host synchronisation per step)."""
     params = list(model.parameters()) + list(guide.parameters())
     fused = fused_supported(x.device) if fused is None else fused
     opt = torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {"foreach": False}))
@@ -171,7 +196,7 @@ def hand_step_fn(model, guide, x, lr, loss_fn=hand_loss, fused=None):
         loss = loss_fn(model, guide, x, KL_SCALE)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss.item() if read else loss
 
     return step
 

@@ -1,33 +1,39 @@
-"""Training, generation and IWAE throughput: a Pyro SVI step against a hand-written PyTorch step of the same networks.
+"""Training throughput in four modes, the GPU-busy fraction and the kernel-time limit, for the VLAE and the Markov HVAE.
 
-For the VLAE and the Markov HVAE on the ``mnist`` (reference-sized) and ``mnist-cpu`` presets at batch 100, it times
+For each case (preset and batch) it times, on the same networks:
 
-* ``svi.step(x, kl_scale=0.5)``, exactly what training does (``Trace_ELBO``, ``FusedAdam``,
-  Pyro's validation off as after training's first 10 steps), and
-* a hand-written step on the *same* ``nn.Module`` weights (``harness.hand_loss``: reparameterised samples, the
-  Laplace log-likelihood and each layer's ``log q - log p`` in closed form, ``backward`` and one fused
-  ``torch.optim.Adam`` step).  Both losses are checked to agree on the same noise before timing.
+* ``hand``: a hand-written eager PyTorch step (``harness.hand_loss``: reparameterised samples, the Laplace
+  log-likelihood and each layer's ``log q - log p`` in closed form, ``backward``, one fused ``torch.optim.Adam``
+  step; the loss is not read);
+* ``svi``: ``pyro.infer.SVI.step`` with ``Trace_ELBO`` and ``FusedAdam``, validation off, as training ran before the
+  graph-safe step (it reads the loss on the host every step);
+* ``safe``: the graph-safe step of ``pyro_vlae.training.step`` eagerly (the same loss, no host read);
+* ``graph``: the same step captured in a CUDA graph and replayed (CUDA only).
 
-The two run alternately (A B A B ...) in one process, so a background load hits both alike; the ratio of the medians
-is the figure to quote.  FLOPs per step (forward + backward) come from ``FlopCounterMode``; the achieved FLOP/s is
-compared with the ``torch.mm`` FLOP/s measured in the same run.  Then generation and IWAE (K = 1000) throughput.
-Where the remaining time goes: ``benchmarks/overheads.py``.
+The modes run alternately (A B C D A B C D ...) in one process, so a background load hits them alike; each figure is
+the median over the repeats.  The hand-written loss is checked against Pyro's on the same noise first.  On CUDA the
+profiler gives each mode's kernel time per step (``harness.kernel_ms``; the graph's from its own replays when the
+profiler sees its kernels, else the eager graph-safe step's); the GPU-busy fraction is kernel time x steps/s, and the
+limit is 1 / the least kernel time per step, the rate with every host overhead removed.
 
-    python benchmarks/speed.py                  # full run, ~2 minutes on 2 CPU cores
-    python benchmarks/speed.py --quick          # smoke check
-    python benchmarks/speed.py --device cuda --batch-sizes 100,1000 --json speed.json   # on a GPU, two batch sizes
+    python benchmarks/speed.py                         # CPU: mnist and mnist-cpu at batch 100, ~3 minutes
+    python benchmarks/speed.py --quick                 # smoke check
+    python benchmarks/speed.py --device cuda --json speed.json   # mnist-cpu:100, mnist:100, shapes3d-32:512,
+                                                                 # shapes3d:256 (benchmarks/gpu_check.py runs this)
 
-``--presets`` and ``--batch-sizes`` choose the cases (the hand-written step needs a Laplace preset); ``--json`` also
-writes every row as a record (``benchmarks/gpu_check.py`` reads it).
+``--cases preset:batch,...`` chooses the cases (the hand-written step needs a Laplace preset).  ``--json`` writes every
+row as a record, rewritten after each case (``benchmarks/gpu_check.py`` and ``paper_scale.py`` read it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pyro
 import torch
+from gpu_report import speed_table
 from harness import (
     BATCH,
     KL_SCALE,
@@ -37,6 +43,7 @@ from harness import (
     generation_rate,
     hand_step_fn,
     iwae_rate,
+    kernel_ms,
     load_line,
     machine_line,
     make_case,
@@ -44,112 +51,170 @@ from harness import (
     timing_parser,
 )
 
+from pyro_vlae.training.optim import FusedAdam
 
-def main(args):
-    device = torch.device(args.device)
-    if args.quick:
-        args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 3)
-    torch.set_num_threads(args.threads)
-    pyro.enable_validation(False)  # as training runs after its first 10 validated steps (pyro_vlae.training.loop.fit)
-    torch.manual_seed(0)
-    print(f"machine: {machine_line(device)}")
-    print(f"before: {load_line()}", flush=True)
+CPU_CASES = [("mnist", BATCH), ("mnist-cpu", BATCH)]
+CUDA_CASES = [("mnist-cpu", 100), ("mnist", 100), ("shapes3d-32", 512), ("shapes3d", 256)]
+GRAPH_WARMUP = 8  # steps before timing: the first (parameters), the validated ones are off, 3 warm-up, the capture
 
-    mm = {
-        "100x6272 @ 6272x1024": matmul_gflops(device, BATCH, 6272, 1024),
-        "100x1024 @ 1024x1024": matmul_gflops(device, BATCH, 1024, 1024),
-        "2048x2048 @ 2048x2048": matmul_gflops(device, 2048, 2048, 2048),
+
+def step_module():
+    """``pyro_vlae.training.step``, or the reason it cannot be used."""
+    try:
+        from pyro_vlae.training import step as S
+
+        S.make_step  # noqa: B018 - the interface speed.py uses
+        return S, None
+    except (ImportError, AttributeError) as e:
+        return None, f"pyro_vlae.training.step is not usable here ({type(e).__name__}: {e})"
+
+
+def build_modes(model, guide, svi, x, lr, device) -> tuple:
+    """``(variants, why_not)``: name -> ``(prepare, step)`` for :func:`harness.alternate`, and name -> reason for the
+    modes that cannot run here.
+
+    Every mode trains the same networks (Pyro's param store holds one copy of each parameter name, so copies of the
+    networks would not be trained by their own modes).  The hand-written step has its own torch Adam, the SVI and
+    graph-safe eager steps share the run's ``FusedAdam``, and the graph gets one of its own (capture makes it
+    capturable, which the eager steps must not inherit).
+    """
+    S, missing = step_module()
+    variants = {
+        "hand": (lambda: None, hand_step_fn(model, guide, x, lr, read=False)),
+        "svi": (lambda: None, lambda: svi.step(x, kl_scale=KL_SCALE)),
     }
-    ceiling = max(mm.values())
-    print("\nfloat32 torch.mm: " + ", ".join(f"{k}: {v:.1f} GFLOP/s" for k, v in mm.items()), flush=True)
+    why_not = {"safe": missing, "graph": missing} if missing else {}
+    if not missing:
+        safe = S.make_step(model, guide, svi.optim, "trace", device, graph=False)
+        variants["safe"] = (lambda: None, lambda: safe.step(x, kl_scale=KL_SCALE))
+    if not missing and device.type != "cuda":
+        why_not["graph"] = "needs CUDA"
+    elif not missing:
+        warned = []
+        graph = S.make_step(model, guide, FusedAdam({"lr": lr}), "trace", device, graph=True, warn=warned.append)
+        fn = lambda: graph.step(x, kl_scale=KL_SCALE)  # noqa: E731
+        for _ in range(GRAPH_WARMUP):
+            fn()
+        if getattr(graph, "graph", None) is None:
+            why_not["graph"] = f"capture failed: {getattr(graph, 'failed', None) or warned or 'no graph after warm-up'}"
+        else:
+            variants["graph"] = (lambda: None, fn)
+    return variants, why_not
 
-    main_rows, side_rows, records = [], [], []
-    presets = args.presets.split(",") if args.presets else ["mnist-cpu"] if args.quick else ["mnist", "mnist-cpu"]
-    cases = [(kind, preset) for preset in presets for kind in ("vlae", "hvae")]
-    for batch in args.batch_sizes:
-        for kind, preset in cases:
-            rec = measure_case(kind, preset, batch, device, args)
-            records.append(rec)
-            main_rows.append(
-                f"| {kind} | {preset} | {batch} | {rec['pyro_img_s']:.0f} | {rec['hand_img_s']:.0f} | "
-                f"{rec['pyro_over_hand']:.3f} | {rec['loss']:.1f} | "
-                f"{rec['loss_diff']:.1e} / {rec['rel_grad_diff']:.1e} | "
-                f"{rec['gflop_per_step']:.2f} | {rec['gflops_pyro']:.1f} / {rec['gflops_hand']:.1f} | "
-                f"{rec['gflops_pyro'] / ceiling:.0%} / {rec['gflops_hand'] / ceiling:.0%} |"
-            )
-            side_rows.append(
-                f"| {kind} | {preset} | {batch} | {rec['generation_img_s']:.0f} | {rec['iwae_img_s']:.2f} "
-                f"(K={args.iwae_k}, {args.iwae_images} images) |"
-            )
-            print(f"done {kind} {preset} batch {batch} ({load_line()})", flush=True)
 
-    print(f"\n### Training step, kl_scale {KL_SCALE} ({args.steps} steps x {args.repeats} repeats)\n")
-    print(
-        "| model | preset | batch | Pyro img/s | hand-written img/s | Pyro / hand | loss | "
-        "loss diff / rel. grad diff | GFLOP/step | GFLOP/s Pyro / hand | of mm ceiling Pyro / hand |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(main_rows))
-    print(f"\nmm ceiling used: {ceiling:.1f} GFLOP/s (the best of the three torch.mm shapes above)")
-    print("\n### Generation and IWAE evaluation (eval mode, no grad)\n")
-    print("| model | preset | training batch | generation img/s (`model(batch_size=1000)`) | IWAE img/s |")
-    print("|---|---|---|---|---|")
-    print("\n".join(side_rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(device), "mm_gflops": mm, "rows": records}, f, indent=2)
-
-    print("\nOverhead experiments: python benchmarks/overheads.py")
-    print(f"\nafter: {load_line()}")
+def profile_modes(variants, modes, device) -> dict:
+    """Kernel ms per step of each mode that ran (``harness.kernel_ms``), written into ``modes`` with the GPU-busy
+    fraction.  The graph's own figure is used only if the profiler saw at least half the eager graph-safe step's
+    kernel time inside the replays; else the eager step's (the same kernels) stands in, and ``kernel_from`` says so."""
+    kernel = {}
+    for m, (_, fn) in variants.items():
+        if "img_s" in modes[m]:
+            try:
+                kernel[m] = kernel_ms(fn, device)
+            except Exception as e:  # noqa: BLE001 - a profiler fault costs the busy fraction only
+                modes[m]["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if "graph" in kernel and kernel.get("safe") and (kernel["graph"] or 0) < 0.5 * kernel["safe"]:
+        kernel["graph"] = kernel["safe"]
+        modes["graph"]["kernel_from"] = "safe"
+    for m, ms in kernel.items():
+        if ms:
+            modes[m]["kernel_ms"], modes[m]["busy"] = ms, ms * modes[m]["steps_s"] / 1000
+    return kernel
 
 
 def measure_case(kind, preset, batch, device, args) -> dict:
-    """One row: Pyro and hand-written img/s at ``batch`` (alternating), FLOPs, generation and IWAE rates."""
+    """One row: each mode's img/s and steps/s, kernel time per step, GPU-busy fraction and limit; loss check, FLOPs."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, guide, svi, x, lr = make_case(kind, preset, device, batch=batch)
     loss, dloss, dgrad = check_same_loss(model, guide, x)
     flops = count_flops(model, guide, x)
-    variants = {
-        "pyro": (lambda: None, lambda svi=svi, x=x: svi.step(x, kl_scale=KL_SCALE)),
-        "hand": (lambda: None, hand_step_fn(model, guide, x, lr)),
-    }
-    r = alternate(variants, args.steps, args.repeats, device, batch=batch)
-    for name, rate in r.items():
-        if isinstance(rate, str):
-            raise RuntimeError(f"{kind} {preset} batch {batch}: the {name} step failed: {rate}")
-    gen = generation_rate(model, device)
-    ix = torch.rand(args.iwae_images, *model.config.image_shape, device=device)
-    iw = iwae_rate(model, guide, ix, args.iwae_k)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {
-        "model": kind, "preset": preset, "batch": batch, "pyro_img_s": r["pyro"], "hand_img_s": r["hand"],
-        "pyro_over_hand": r["pyro"] / r["hand"], "loss": loss, "loss_diff": dloss, "rel_grad_diff": dgrad,
-        "gflop_per_step": flops / 1e9, "gflops_pyro": flops * r["pyro"] / batch / 1e9,
-        "gflops_hand": flops * r["hand"] / batch / 1e9, "generation_img_s": gen, "iwae_img_s": iw,
-        "iwae_k": args.iwae_k, "peak_gpu_mib": peak,
+    variants, why_not = build_modes(model, guide, svi, x, lr, device)
+    rates = alternate(variants, args.steps, args.repeats, device, batch=batch)
+    modes = {m: {"skipped": why_not[m]} for m in why_not}
+    for m, r in rates.items():
+        modes[m] = {"error": r} if isinstance(r, str) else {"img_s": r, "steps_s": r / batch}
+    kernel = profile_modes(variants, modes, device) if device.type == "cuda" and not args.no_profile else {}
+    least = min((kernel[m] for m in ("hand", "safe") if kernel.get(m)), default=None)  # eager: every kernel seen
+    rec = {
+        "model": kind, "preset": preset, "batch": batch, "modes": modes, "loss": loss, "loss_diff": dloss,
+        "rel_grad_diff": dgrad, "gflop_per_step": flops / 1e9, "limit_steps_s": 1000 / least if least else None,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }  # fmt: skip
+    if args.side:
+        rec["generation_img_s"] = generation_rate(model, device)
+        ix = torch.rand(args.iwae_images, *model.config.image_shape, device=device)
+        rec["iwae_img_s"], rec["iwae_k"] = iwae_rate(model, guide, ix, args.iwae_k), args.iwae_k
+    return rec
 
 
-def _sizes(text):
+def main(args):
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    pyro.enable_validation(False)  # as training runs after its first 10 validated steps (pyro_vlae.training.loop.fit)
+    torch.manual_seed(0)
+    print(f"machine: {machine_line(device)}")
+    print(f"before: {load_line()}", flush=True)
+    mm = {
+        "100x6272 @ 6272x1024": matmul_gflops(device, BATCH, 6272, 1024),
+        "2048x2048 @ 2048x2048": matmul_gflops(device, 2048, 2048, 2048),
+    }
+    print("\nfloat32 torch.mm: " + ", ".join(f"{k}: {v:.1f} GFLOP/s" for k, v in mm.items()), flush=True)
+    rows = []
+    for preset, batch in args.cases:
+        for kind in ("vlae", "hvae"):
+            rows.append(measure_case(kind, preset, batch, device, args))
+            print(f"done {kind} {preset} batch {batch} ({load_line()})", flush=True)
+            if args.json:  # rewritten after every case: a run stopped midway keeps its finished rows
+                tmp = args.json + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({"machine": machine_line(device), "mm_gflops": mm, "rows": rows}, f, indent=2)
+                os.replace(tmp, args.json)
+    print(f"\n### Training step, kl_scale {KL_SCALE} ({args.steps} steps x {args.repeats} repeats, alternating)\n")
+    print("\n".join(speed_table(rows)))
+    print("\n| model | preset | batch | loss | loss diff / rel. grad diff (hand vs Pyro) | GFLOP/step | SVI GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        svi = r["modes"].get("svi", {}).get("img_s")
+        gfs = "-" if not svi else f"{r['gflop_per_step'] * svi / r['batch']:.1f}"
+        print(f"| {r['model']} | {r['preset']} | {r['batch']} | {r['loss']:.1f} | {r['loss_diff']:.1e} / "
+              f"{r['rel_grad_diff']:.1e} | {r['gflop_per_step']:.2f} | {gfs} |")  # fmt: skip
+    if args.side:
+        print("\n| model | preset | generation img/s (`model(batch_size=1000)`) | IWAE img/s |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['preset']} | {r['generation_img_s']:.0f} | {r['iwae_img_s']:.2f} "
+                  f"(K={r['iwae_k']}, {args.iwae_images} images) |")  # fmt: skip
+    print(f"\nafter: {load_line()}")
+
+
+def _cases(text):
     try:
-        sizes = [int(v) for v in text.split(",")]
+        cases = [(p, int(b)) for p, b in (c.split(":") for c in text.split(","))]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of sizes, e.g. 100,1000") from None
-    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of preset:batch, e.g. mnist:100,shapes3d:256"
+        ) from None
+    if min(b for _, b in cases) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text}")
-    return sizes
+    return cases
 
 
 def parse_args(argv=None):
     p = timing_parser(__doc__, "smoke check: mnist-cpu only, few steps")
+    p.add_argument("--cases", type=_cases, help="preset:batch,... (default: by device, see above)")
+    p.add_argument("--side", action=argparse.BooleanOptionalAction, default=None,
+                   help="also generation and IWAE throughput (default: on the CPU only)")  # fmt: skip
+    p.add_argument("--no-profile", action="store_true", help="no profiler pass (no GPU-busy fraction or limit)")
     p.add_argument("--iwae-k", type=int, default=1000)
     p.add_argument("--iwae-images", type=int, default=10)
-    p.add_argument("--batch-sizes", type=_sizes, default=[BATCH], help="comma-separated training batch sizes (100)")
-    p.add_argument("--presets", help="comma-separated Laplace presets (default: mnist,mnist-cpu; --quick: mnist-cpu)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON records to PATH")
     args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if args.cases is None:
+        args.cases = CUDA_CASES if cuda else [("mnist-cpu", BATCH)] if args.quick else CPU_CASES
+    args.side = (not cuda) if args.side is None else args.side
     if args.quick:
+        args.steps, args.repeats = min(args.steps, 3), min(args.repeats, 3)
         args.iwae_k, args.iwae_images = min(args.iwae_k, 100), min(args.iwae_images, 4)
     return args
 

@@ -17,9 +17,13 @@ BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 sys.path.insert(0, BENCH)
 import gpu_check as GC  # noqa: E402
 import gpu_report as GR  # noqa: E402
+import harness as H  # noqa: E402
+import model_pack as MP  # noqa: E402
+import procs as PR  # noqa: E402
 
 # What the GPU machine returns from its output folder: at most 8 files, 16 MiB each, plain names.
 MAX_FILES, MAX_BYTES, NAME = 8, 16 * 2**20, re.compile(r"^[A-Za-z0-9._-]+$")
+KINDS = ("vlae", "hvae")
 
 
 @pytest.fixture
@@ -38,7 +42,7 @@ def child(tmp_path, body: str) -> str:
 
 def test_a_part_runs_its_target_with_its_arguments_and_logs_it(check, tmp_path):
     target = child(tmp_path, "import sys\nprint('args', sys.argv[1:])\nsys.exit(3)\n")
-    res = GC.Part(check, "echo", target, ["a", 7], timeout_s=30).wait()
+    res = PR.Part(check, "echo", target, ["a", 7], timeout_s=30).wait()
     assert res["rc"] == 3 and "signal" not in res and "peak_gpu" not in res
     assert "args ['a', '7']" in (check.work / "logs" / "echo.log").read_text()
 
@@ -55,16 +59,16 @@ def test_stop_sends_sigterm_and_a_training_run_exits_with_its_checkpoint_code(ch
     )
     flag = tmp_path / "started"
     t0 = time.time()
-    res = GC.Part(check, "train", target, [flag], timeout_s=60, stop=flag.exists).wait()
+    res = PR.Part(check, "train", target, [flag], timeout_s=60, stop=flag.exists).wait()
     assert res["rc"] == 143 and res["signal"] == "stopped by SIGTERM as planned" and time.time() - t0 < 30
     assert "checkpoint written" in (check.work / "logs" / "train.log").read_text()
 
 
 def test_a_hung_part_is_killed_after_its_timeout_and_the_grace_period(check, tmp_path, monkeypatch):
-    monkeypatch.setattr(GC, "GRACE_S", 1)
+    monkeypatch.setattr(PR, "GRACE_S", 1)
     target = child(tmp_path, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n")
     t0 = time.time()
-    res = GC.Part(check, "hang", target, [], timeout_s=1).wait()
+    res = PR.Part(check, "hang", target, [], timeout_s=1).wait()
     assert res["rc"] == -9 and res["signal"].startswith("timed out after 1 s") and time.time() - t0 < 20
 
 
@@ -81,37 +85,48 @@ def test_cuda_test_counts_come_from_pytest_junit_report(tmp_path):
     assert len(res["failed_tests"]) == 1 and res["failed_tests"][0].startswith("test_b: AssertionError: one is not two")
 
 
-def test_the_step_rate_is_the_vlae_row_at_the_default_jobs_preset_and_batch(tmp_path):
-    rows = [
-        {"model": "hvae", "preset": "mnist", "batch": 100, "pyro_img_s": 900.0},
-        {"model": "vlae", "preset": "mnist", "batch": 1000, "pyro_img_s": 20000.0},
-        {"model": "vlae", "preset": "mnist", "batch": 100, "pyro_img_s": 5000.0},
-    ]
-    (tmp_path / "speed.json").write_text(json.dumps({"rows": rows}))
-    assert GR.speed_rate(tmp_path / "speed.json", dry_run=False) == 50.0
-    assert GR.speed_rate(tmp_path / "missing.json", dry_run=False) is None
+ROW = {
+    "model": "vlae", "preset": "mnist", "batch": 100, "limit_steps_s": 1000.0, "loss": 1.0, "loss_diff": 0.0,
+    "rel_grad_diff": 0.0, "gflop_per_step": 1.0,
+    "modes": {
+        "hand": {"img_s": 50_000.0, "steps_s": 500.0, "kernel_ms": 1.0, "busy": 0.5},
+        "svi": {"img_s": 6_000.0, "steps_s": 60.0, "kernel_ms": 1.2, "busy": 0.072},
+        "safe": {"img_s": 48_000.0, "steps_s": 480.0, "kernel_ms": 1.1, "busy": 0.528},
+        "graph": {"error": "RuntimeError: capture"},
+    },
+}  # fmt: skip
+
+
+def test_the_speed_table_shows_each_mode_the_ratios_and_what_failed():
+    lines = GR.speed_table([ROW])
+    assert lines[2] == (
+        "| vlae | mnist | 100 | 50000 | 6000 | 48000 | failed | failed | - | 0.96 | 7% / 53% / failed | 1.00 | 1000 |"
+    )
+    assert lines[-1] == "- vlae mnist 100: graph: RuntimeError: capture"
+
+
+def test_kernel_time_sums_only_the_events_on_the_cuda_device():
+    ev = lambda dev, us: SimpleNamespace(device_type=dev, time_range=SimpleNamespace(elapsed_us=lambda: us))  # noqa: E731
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    assert H.device_time_us([ev(cuda, 30), ev(cpu, 1000), ev(cuda, 12)]) == 42
+    assert H.kernel_ms(lambda: None, torch.device("cpu")) is None
 
 
 def test_the_output_folder_holds_what_the_gpu_machine_returns(check):
-    run = check.work / "default"
+    run = check.work / "paper_scale" / "shapes3d_vlae"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest.pt").write_bytes(b"weights")
     (run / "metrics.jsonl").write_text('{"step": 5}\n')
-    (run / "figures").mkdir()
-    (run / "figures" / "interventions.png").write_bytes(b"png")
-    assert check.keep_figure(run, "default_interventions.png") == "default_interventions.png"
-    row = {"model": "vlae", "preset": "mnist", "batch": 100, "pyro_img_s": 700.0, "hand_img_s": 1000.0,
-           "pyro_over_hand": 0.7, "loss_diff": 0.01, "rel_grad_diff": 1e-7, "generation_img_s": 1e4, "iwae_img_s": 3.0,
-           "iwae_k": 1000}  # fmt: skip
-    check.record("speed", {"status": "ok", "seconds": 3, "rows": [row]})
+    check.record("speed", {"status": "ok", "seconds": 3, "rows": [ROW]})
     files = sorted(p.name for p in check.out.iterdir())
-    assert files == ["default_interventions.png", "gpu_check.log", "results.tar.gz", "summary.json", "summary.md"]
+    assert files == ["results.tar.gz", "summary.json", "summary.md"]
     with tarfile.open(check.out / "results.tar.gz") as tar:
         names = tar.getnames()
-    assert "gpu_check/default/metrics.jsonl" in names and not any(n.endswith(".pt") for n in names)
+    assert "gpu_check/paper_scale/shapes3d_vlae/metrics.jsonl" in names and "gpu_check/gpu_check.log" in names
+    assert not any(n.endswith(".pt") for n in names)
     md = (check.out / "summary.md").read_text()
-    assert "| speed | ok | 3 |" in md and "| 0.700 (below 0.8) | 1.0e-02 / 1.0e-07 |" in md
-    assert json.loads((check.out / "summary.json").read_text())["parts"]["speed"]["rows"] == [row]
+    assert "| speed | ok | 3 |" in md and "| 0.96 | 7% / 53% / failed |" in md
+    assert json.loads((check.out / "summary.json").read_text())["parts"]["speed"]["rows"] == [ROW]
 
 
 def test_unknown_parts_are_refused(capsys):
@@ -122,25 +137,32 @@ def test_unknown_parts_are_refused(capsys):
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_part_on_the_cpu(tmp_path):
-    """The whole check with tiny sizes (about 2 CPU-minutes); every part must report ok, the CUDA tests 'skipped: no
-    CUDA' (or ok on a GPU machine), and the output folder must hold only what the GPU machine returns."""
+    """The whole check with tiny sizes (about 4 CPU-minutes); every part must report ok, the CUDA tests 'skipped: no
+    CUDA' (or ok on a GPU machine), the output folder must hold only what the GPU machine returns, and the packed
+    models must unpack into run folders."""
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(BENCH, "gpu_check.py"), "--dry-run", "--out", str(out)]
     cmd += ["--work-dir", str(tmp_path / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    want = {"environment", "speed", "cuda_tests", "default_job", "paper", "hierarchy_probe", "paper_figures"}
-    assert set(summary["parts"]) == want and summary["all_ok"]
+    assert set(summary["parts"]) == {"environment", "speed", "cuda_tests", "paper_scale"} and summary["all_ok"]
     for name, part in summary["parts"].items():
         expected = "skipped: no CUDA" if name == "cuda_tests" and not torch.cuda.is_available() else "ok"
         assert part["status"] == expected, (name, part)
-    assert summary["parts"]["paper"]["signal"] == "stopped by SIGTERM as planned"
-    assert set(summary["parts"]["hierarchy_probe"]["probe"]["class_change"]) == {"z1", "z2", "z3"}
-    assert summary["parts"]["default_job"]["eval"]["evaluation"]["test"]["likelihood"]["num_samples"] == 10
+    rows = summary["parts"]["speed"]["rows"]
+    assert [(r["model"], r["preset"]) for r in rows] == [(m, p) for p in ("mnist-cpu", "shapes3d-32") for m in KINDS]
+    assert all("img_s" in r["modes"][m] for r in rows for m in ("hand", "svi", "safe"))
+    ps = summary["parts"]["paper_scale"]["result"]
+    assert set(ps["runs"]) == {"shapes3d_vlae", "shapes3d_hvae", "shapes3d_vae-beta4", "mnist-paper_vlae"}
+    assert all(r["rc"] == 143 and r["step"] > 0 for r in ps["runs"].values())
     files = list(out.iterdir())
     assert len(files) <= MAX_FILES and all(NAME.match(p.name) and p.stat().st_size < MAX_BYTES for p in files)
-    assert {"summary.json", "summary.md", "results.tar.gz", "default_interventions.png"} <= {p.name for p in files}
+    assert sum(p.stat().st_size for p in files) <= MP.MAX_TOTAL_BYTES
+    assert {"summary.json", "summary.md", "results.tar.gz", MP.MANIFEST} <= {p.name for p in files}
+    runs = MP.unpack(out, tmp_path / "back")
+    assert sorted(p.name for p in runs) == sorted(ps["runs"])
+    assert all((p / "checkpoints" / "latest.pt").exists() and (p / "config.json").exists() for p in runs)
 
 
 @pytest.mark.slow
@@ -155,9 +177,9 @@ def test_without_a_gpu_the_real_check_stops_with_a_clear_error(tmp_path):
 
 def test_a_failing_stop_callback_leaves_the_timeout_and_kill_in_force(check, tmp_path, monkeypatch):
     """A stop check that raises (e.g. on a half-written metrics line) must not end the watcher."""
-    monkeypatch.setattr(GC, "GRACE_S", 1)
+    monkeypatch.setattr(PR, "GRACE_S", 1)
     target = child(tmp_path, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n")
-    res = GC.Part(check, "hang", target, [], timeout_s=2, stop=lambda: json.loads('{"step": 1')).wait()
+    res = PR.Part(check, "hang", target, [], timeout_s=2, stop=lambda: json.loads('{"step": 1')).wait()
     assert res["rc"] == -9 and res["signal"].startswith("timed out") and res["stop_error"].startswith("JSONDecodeError")
 
 

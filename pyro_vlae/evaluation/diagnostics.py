@@ -5,10 +5,10 @@
   average KL of each of its dimensions.
 * ``"gibbs"`` (:func:`gibbs_diagnostics`): several chains of Eq. 6 (bottom layer) and Eq. 16 (every layer) started at
   different test images, with ArviZ's rank-normalised split R-hat and effective sample sizes of per-step summary
-  statistics, and, with a classifier, a Fréchet distance of the chain's samples to test images beside that of
-  ancestral samples (Fig. 2 in numbers), and a collapse check (:func:`chain_collapse`): a chain whose states lost
-  the data's pixel variance or class diversity, or whose Fréchet distance blew up, is flagged and never reported as
-  converged, whatever its R-hat.
+  statistics; then many independent chains scored at one step against the other test images: with a classifier, their
+  Fréchet distance beside that of as many ancestral samples (Fig. 2 in numbers), and a collapse check
+  (:func:`~.collapse.chain_collapse`): a chain whose states lost the data's spread or class diversity, or whose
+  Fréchet distance blew up, is flagged and never reported as converged, whatever its R-hat.
 """
 
 from __future__ import annotations
@@ -21,9 +21,23 @@ import numpy as np
 import torch
 
 from ..experiments import interventions as iv
-from ..experiments.gibbs import ancestral_means, chain_starts, gibbs_chain
+from ..experiments.gibbs import ancestral_means, chain_snapshots, chain_starts, gibbs_chain
 from ..training.checkpoint import update_json
 from .classifier import class_change_rate, extract_features, frechet_distance
+from .collapse import chain_collapse, collapse_summary
+from .collapse import class_probs as _class_probs
+
+__all__ = [
+    "chain_collapse",
+    "chain_summary",
+    "collapse_summary",
+    "gibbs_diagnostics",
+    "jsonable",
+    "layer_diagnostics",
+    "run_diagnostics",
+    "update_eval_json",
+    "verdict_split",
+]
 
 
 def _arviz():
@@ -80,14 +94,6 @@ def chain_summary(values) -> dict:
     return out
 
 
-@torch.no_grad()
-def _class_probs(classifier, x: torch.Tensor) -> torch.Tensor:
-    """Softmax of the classifier's logits, ``(N, K)`` on the CPU, in eval mode."""
-    dev = next(classifier.parameters()).device
-    with iv.eval_mode(classifier):
-        return torch.cat([torch.softmax(classifier(b.to(dev)), -1).cpu() for b in x.split(500)])
-
-
 def layer_diagnostics(
     model, guide, config, x_test, classifier=None, seed: int = 0, num_groups: int = 32, num_samples: int = 16
 ) -> dict:
@@ -134,100 +140,8 @@ def layer_diagnostics(
     return jsonable(out)
 
 
-#: Collapse thresholds of :func:`chain_collapse`: the chain's states have under a quarter of the data's pixel
-#: variance, under half of the entropy of its predicted classes, or a Fréchet distance over three times the baseline's.
-COLLAPSE_VARIANCE_RATIO = 0.25
-COLLAPSE_ENTROPY_RATIO = 0.5
-COLLAPSE_FD_RATIO = 3.0
-
-
-def pixel_variance(x: torch.Tensor) -> float:
-    """Variance of each pixel across the images ``(N, ...)``, averaged over pixels."""
-    return x.detach().flatten(1).double().var(0, unbiased=False).mean().item()
-
-
-def class_entropy(pred: torch.Tensor, num_classes: int) -> float:
-    """Entropy (nats) of the frequencies of the predicted classes ``pred`` (``(N,)`` integers)."""
-    p = torch.bincount(pred.flatten().long().cpu(), minlength=num_classes).double()
-    p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum()) + 0.0  # + 0.0: no negative zero for a single class
-
-
-def chain_collapse(images, reference, classifier=None, fd=None, fd_baseline=None) -> dict:
-    """Whether a chain's states ``images`` collapsed, judged against ``reference`` data images.
-
-    Three measured signs, each a ratio to the data's (or the baseline's) value:
-
-    * ``pixel_variance_ratio``: :func:`pixel_variance` of the states over that of ``reference``; a chain stuck on one
-      image, or on black images, has almost none;
-    * ``class_entropy_ratio`` (with a classifier): entropy of the states' predicted classes over that of the
-      reference's; a chain that fell into one or two digits has little;
-    * ``fd_ratio`` (with ``fd`` and ``fd_baseline``): the chain's Fréchet distance over the baseline's (ancestral
-      samples), which blows up when the states leave the data.
-
-    ``collapsed`` is true when any ratio is past its threshold (:data:`COLLAPSE_VARIANCE_RATIO`,
-    :data:`COLLAPSE_ENTROPY_RATIO`, :data:`COLLAPSE_FD_RATIO`; the first two count only where the data have a pixel
-    variance above 1e-6 and a class entropy above 0.1 nats); ``reasons`` says which, in words.  A collapsed chain
-    is not a sample of the data distribution, even when its R-hat is near 1 (chains that agree on a degenerate state
-    mix perfectly).
-
-    :param images: chain states ``(N, C, H, W)`` (the same kind of image as ``reference``).
-    :param reference: data images ``(M, C, H, W)``.
-    :param classifier: optional classifier on images in ``[0, 1]``.
-    :param fd: optional Fréchet distance of the states to the data.
-    :param fd_baseline: the baseline's Fréchet distance (ancestral samples) to the same data.
-    """
-    out = {"pixel_variance": pixel_variance(images), "data_pixel_variance": pixel_variance(reference)}
-    out["pixel_variance_ratio"] = out["pixel_variance"] / max(out["data_pixel_variance"], 1e-12)
-    reasons = []
-    if out["data_pixel_variance"] > 1e-6 and out["pixel_variance_ratio"] < COLLAPSE_VARIANCE_RATIO:
-        reasons.append(f"pixel variance {out['pixel_variance_ratio']:.2f} of the data's")
-    if classifier is not None:
-        probs_chain, probs_data = _class_probs(classifier, images), _class_probs(classifier, reference)
-        k = probs_chain.shape[-1]
-        out["class_entropy"] = class_entropy(probs_chain.argmax(-1), k)
-        out["data_class_entropy"] = class_entropy(probs_data.argmax(-1), k)
-        out["class_entropy_ratio"] = out["class_entropy"] / max(out["data_class_entropy"], 1e-12)
-        if out["data_class_entropy"] > 0.1 and out["class_entropy_ratio"] < COLLAPSE_ENTROPY_RATIO:
-            reasons.append(f"class entropy {out['class_entropy_ratio']:.2f} of the data's")
-    if fd is not None and fd_baseline is not None and math.isfinite(fd) and fd_baseline > 0:
-        out["fd_ratio"] = float(fd) / float(fd_baseline)
-        if out["fd_ratio"] > COLLAPSE_FD_RATIO:
-            reasons.append(f"Fréchet distance {out['fd_ratio']:.1f}x the ancestral samples'")
-    out["collapsed"] = bool(reasons)
-    out["reasons"] = reasons
-    out["thresholds"] = {
-        "pixel_variance_ratio": COLLAPSE_VARIANCE_RATIO,
-        "class_entropy_ratio": COLLAPSE_ENTROPY_RATIO,
-        "fd_ratio": COLLAPSE_FD_RATIO,
-    }
-    return jsonable(out)
-
-
-def collapse_summary(gibbs) -> str | None:
-    """One sentence on the Gibbs chains' collapse check from a ``gibbs`` block of ``eval.json``, or ``None``."""
-    chains = gibbs.get("chains") if isinstance(gibbs, dict) else None
-    if not isinstance(chains, dict):
-        return None
-    checked = {
-        n: b["collapse"] for n, b in chains.items() if isinstance(b, dict) and isinstance(b.get("collapse"), dict)
-    }
-    if not checked:
-        return None
-    checked = dict(sorted(checked.items(), key=lambda kv: (kv[0] != "z1", kv[0])))  # the bottom-layer chain first
-    bad = {n: c for n, c in checked.items() if c.get("collapsed")}
-    if not bad:
-        return (
-            "Gibbs chains: no collapse detected (keeping "
-            + ", ".join(checked)
-            + "); compare their Fréchet distance with the ancestral samples' before calling them converged."
-        )
-    parts = [f"keeping {n}: " + "; ".join(c.get("reasons") or ["collapsed"]) for n, c in bad.items()]
-    return "Gibbs chain COLLAPSED, not converged (" + "; ".join(parts) + ")."
-
-
-def _chain_block(result, burn_in: int, classifier, starts) -> tuple:
-    """Summaries of one batch of chains after ``burn_in`` steps; also returns the kept mean images."""
+def _chain_block(result, burn_in: int, classifier, starts) -> dict:
+    """R-hat, ESS and class-switch summaries of one batch of chains after ``burn_in`` steps."""
     means = result.means[burn_in:]  # (draws, chains, C, H, W)
     draws, chains = means.shape[:2]
     stats = {"mean_intensity": chain_summary(means.flatten(2).mean(-1).T.cpu())}
@@ -247,44 +161,68 @@ def _chain_block(result, burn_in: int, classifier, starts) -> tuple:
     esses = [v["ess_bulk"] for v in stats.values() if v["ess_bulk"] is not None]
     block["max_rhat"] = max(rhats) if rhats else None
     block["min_ess_bulk"] = min(esses) if esses else None
-    return block, flat
+    return block
+
+
+def verdict_split(n: int, num_chains: int, seed: int) -> tuple:
+    """Indices of ``min(num_chains, n // 2)`` chain starts and of the other images (the reference), at random
+    (``torch.Generator().manual_seed(seed)``), so that no chain starts at a reference image."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    v = min(int(num_chains), n // 2)
+    return perm[:v], perm[v:]
+
+
+def _verdict_states(model, guide, starts, keep, num_steps: int, seed: int) -> torch.Tensor:
+    """Mean images of ``p(x | z_K)`` at step ``num_steps`` of independent chains, one per start (on the CPU)."""
+    return chain_snapshots(model, guide, starts, [num_steps], keep=keep, seed=seed)[num_steps]["means"].cpu()
 
 
 def gibbs_diagnostics(
     model, guide, config, x_test, classifier=None, num_chains: int = 8, num_steps: int = 100, seed: int = 0,
-    burn_in: int | None = None,
+    burn_in: int | None = None, verdict_chains: int = 256,
 ) -> dict:  # fmt: skip
-    """R-hat and ESS of Gibbs chains (Eq. 6 on ``z1``; Eq. 16 on every layer when there are several).
+    """R-hat and ESS of Gibbs chains (Eq. 6 on ``z1``; Eq. 16 on every layer when there are several), and a collapse
+    verdict from independent chains.
 
-    ``num_chains`` chains start at test images spread over ``x_test`` (binarised first for a Bernoulli likelihood).
-    After ``burn_in`` steps (default half), each step's state is summarised by the mean intensity of the mean image
-    of ``p(x|z^{(t)})``, each coordinate of the kept codes, and with a classifier the predicted probability of every
-    class.  Each summary is a ``(chain, draw)`` array given to :func:`chain_summary`; ``max_rhat`` and
-    ``min_ess_bulk`` are the worst over summaries.  R-hat near 1 says the chains forgot their different starts; it
-    does not say they reached the data distribution.  Each chain block therefore holds a ``collapse`` check
-    (:func:`chain_collapse` of its post-burn-in mean images against ``x_test``) and the whole block a
-    ``collapse_detected`` flag.
+    Mixing: ``num_chains`` chains start at test images spread over ``x_test`` (binarised first for a Bernoulli
+    likelihood). After ``burn_in`` steps (default half), each step's state is summarised by the mean intensity of the
+    mean image of ``p(x|z^{(t)})``, each coordinate of the kept codes, and with a classifier the predicted probability
+    of every class. Each summary is a ``(chain, draw)`` array given to :func:`chain_summary`; ``max_rhat`` and
+    ``min_ess_bulk`` are the worst over summaries. R-hat near 1 says the chains forgot their different starts; it
+    does not say they reached the data distribution. With a classifier each chain block also holds the rate at which
+    the predicted class changes from one step to the next (``class_switch_rate``) and the share of post-burn-in
+    states still classified as their chain's start image (``start_class_kept_rate``).
 
-    With a classifier each chain block also holds the rate at which the predicted class changes from one step to the
-    next (``class_switch_rate``) and the share of post-burn-in states still classified as their chain's start image
-    (``start_class_kept_rate``).  The whole block then holds a Fréchet distance of classifier features
-    (:func:`~.classifier.frechet_distance`) to ``x_test``: of the chains' post-burn-in mean images, and of as
-    many ancestral mean images.
+    Verdict: ``verdict_chains`` independent chains (at most half of ``x_test``) start at random test images, and their
+    mean images at step ``num_steps`` are compared with the other test images (the reference), as
+    ``benchmarks/gibbs_mnist.py`` scores chains at fixed steps. Each chain block's ``collapse`` is
+    :func:`chain_collapse` of those states; with a classifier, the block ``frechet_distance`` holds their Fréchet
+    distance to the reference beside that of as many ancestral mean images. Both sets are independent images of the
+    same size, so the distance's bias is the same for both: a correct chain started from data stays at the data's law
+    at every step, however slowly it mixes, and is not flagged; pooling autocorrelated draws of a few chains would
+    make a slow chain look far from the data. ``collapse_detected`` says whether any chain collapsed.
 
     :param model: a trained pyro_vlae model.
     :param guide: its guide.
     :param config: the run's ``RunConfig`` (``model_kind`` is recorded).
-    :param x_test: test images ``(N, C, H, W)``.
+    :param x_test: test images ``(N, C, H, W)``, ``N >= 4``.
     :param classifier: optional classifier on images in ``[0, 1]``.
-    :param num_chains: chains per keep set.
+    :param num_chains: chains per keep set for R-hat and ESS.
     :param num_steps: steps per chain.
-    :param seed: seed of the chains and the ancestral samples; the caller's random streams are untouched.
+    :param seed: seed of the chains, the split and the ancestral samples; the caller's random streams are untouched.
     :param burn_in: steps discarded before summarising (default ``num_steps // 2``); at least 4 draws must remain.
+    :param verdict_chains: independent chains scored at step ``num_steps`` for the collapse verdict.
     """
     burn_in = num_steps // 2 if burn_in is None else int(burn_in)
     if num_steps - burn_in < 4 or burn_in < 0:
         raise ValueError(f"need at least 4 draws after burn-in, got num_steps={num_steps}, burn_in={burn_in}")
+    if x_test.shape[0] < 4 or verdict_chains < 2:
+        raise ValueError(
+            f"need at least 4 test images and 2 verdict chains, got {x_test.shape[0]} and {verdict_chains}"
+        )
     starts = chain_starts(model, x_test, num_chains, seed)
+    v_idx, ref_idx = verdict_split(x_test.shape[0], verdict_chains, seed)
+    v_starts, reference = chain_starts(model, x_test[v_idx], len(v_idx), seed), x_test[ref_idx]
     sites = list(model.latent_sites)
     keeps = {"z1": (sites[0],)}
     if len(sites) > 1:
@@ -295,24 +233,27 @@ def gibbs_diagnostics(
         "num_steps": int(num_steps),
         "burn_in": burn_in,
         "seed": seed,
+        "verdict": {"num_chains": len(v_idx), "step": int(num_steps), "reference_images": len(ref_idx)},
         "chains": {},
     }
-    kept_images = {}
+    states = {}
     for i, (name, keep) in enumerate(keeps.items()):
-        result = gibbs_chain(model, guide, starts, num_steps, keep=keep, seed=seed + i)
-        out["chains"][name], kept_images[name] = _chain_block(result, burn_in, classifier, starts)
+        result = gibbs_chain(model, guide, starts, num_steps, keep=keep, seed=seed + i, return_means=True)
+        out["chains"][name] = _chain_block(result, burn_in, classifier, starts)
+        states[name] = _verdict_states(model, guide, v_starts, keep, num_steps, seed + 100 + i)
+    fd = {}
     if classifier is not None:
-        ref = extract_features(classifier, x_test)
-        n = kept_images["z1"].shape[0]
-        fd = {"reference_images": int(x_test.shape[0]), "num_images": int(n)}
-        for name, imgs in kept_images.items():
+        ref = extract_features(classifier, reference)
+        fd = {"reference_images": len(ref_idx), "num_images": len(v_idx), "step": int(num_steps)}
+        for name, imgs in states.items():
             fd[f"gibbs_{name}"] = frechet_distance(extract_features(classifier, imgs), ref)
-        fd["ancestral"] = frechet_distance(extract_features(classifier, ancestral_means(model, n, seed=seed)), ref)
+        anc = ancestral_means(model, len(v_idx), seed=seed)
+        fd["ancestral"] = frechet_distance(extract_features(classifier, anc), ref)
         out["frechet_distance"] = fd
-    for name, imgs in kept_images.items():
-        fd_chain = out.get("frechet_distance", {}).get(f"gibbs_{name}")
-        fd_base = out.get("frechet_distance", {}).get("ancestral")
-        out["chains"][name]["collapse"] = chain_collapse(imgs, x_test, classifier, fd_chain, fd_base)
+    for name, imgs in states.items():
+        out["chains"][name]["collapse"] = chain_collapse(
+            imgs, reference, classifier, fd.get(f"gibbs_{name}"), fd.get("ancestral")
+        )
     out["collapse_detected"] = any(b["collapse"]["collapsed"] for b in out["chains"].values())
     return jsonable(out)
 

@@ -233,11 +233,11 @@ def _classifier_section(ev, gibbs) -> list:
         ]
     fd = gibbs.get("frechet_distance") if isinstance(gibbs, dict) else None
     if isinstance(fd, dict):
-        n = fd.get("num_images")
+        n = f"{fd.get('num_images')} " + (f"chains at step {fd['step']}" if "step" in fd else "images")
         for key, value in fd.items():
-            if _is_number(value) and key not in ("num_images", "reference_images"):
+            if _is_number(value) and key not in ("num_images", "reference_images", "step"):
                 what = f"Gibbs chain keeping {key[6:]}" if key.startswith("gibbs_") else _label(key)
-                rows.append([f"Fréchet distance: {what} ({n} images, diagnostics)", value])
+                rows.append([f"Fréchet distance: {what} ({n}, diagnostics)", value])
     lines = ["## Classifier and sample quality", ""] + _table(["quantity", "value"], rows)
     lines.append(
         "Fréchet distances are computed on the penultimate features of a small CNN trained on the training split "
@@ -246,7 +246,7 @@ def _classifier_section(ev, gibbs) -> list:
     return lines + [""]
 
 
-_COLLAPSE_COLS = ("pixel_variance_ratio", "class_entropy_ratio", "fd_ratio")
+_COLLAPSE_COLS = ("spread_ratio", "pixel_variance_ratio", "class_entropy_ratio", "fd_ratio")  # pixel: older runs
 
 
 def _collapse_lines(collapse: dict) -> list:
@@ -269,9 +269,9 @@ def _collapse_note(collapse: dict) -> str:
     if not collapse:
         return "No collapse check was recorded for these chains."
     t = next((c["thresholds"] for c in collapse.values() if isinstance(c.get("thresholds"), dict)), None)
-    note = "Ratios: the chain's pixel variance and class entropy over the test images', its Fréchet distance over the "
-    note += "ancestral samples'" + (
-        f"; a chain is flagged as collapsed below {fmt(t.get('pixel_variance_ratio'))}, below "
+    note = "Ratios, from independent chains at their last step: spread (variance along the test images' principal "
+    note += "directions) and class entropy over the test images', Fréchet distance over as many ancestral samples'" + (
+        f"; a chain is flagged as collapsed below {fmt(t.get('spread_ratio', t.get('pixel_variance_ratio')))}, below "
         f"{fmt(t.get('class_entropy_ratio'))} or above {fmt(t.get('fd_ratio'))}."
         if t
         else "."

@@ -1,5 +1,6 @@
-"""Collapse detection of Gibbs chains: a chain stuck on black images or on one or two digits is flagged, in eval.json,
-in report.md and in the run's summary line; a chain whose states are real data images is not."""
+"""Collapse detection of Gibbs chains: a chain stuck on black images, on one or two digits, or on one mean image whose
+binary draws it feeds back, is flagged, in eval.json, in report.md and in the run's summary line; a chain whose states
+are real data images (grey or binarised) is not."""
 
 import dataclasses
 import math
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from pyro_vlae.data.loaders import make_synthetic
+from pyro_vlae.evaluation import collapse as C
 from pyro_vlae.evaluation import diagnostics as D
 from pyro_vlae.evaluation import report as R
 from pyro_vlae.guides import get_guide
@@ -48,15 +50,17 @@ def test_black_chain_is_flagged(bars):
     x, _, clf = bars
     out = D.chain_collapse(torch.zeros(200, 1, 16, 16), x, clf)
     assert out["collapsed"]
-    assert out["pixel_variance_ratio"] == 0.0 and out["class_entropy"] == 0.0
-    assert any("pixel variance" in r for r in out["reasons"]) and any("class entropy" in r for r in out["reasons"])
+    assert out["spread_ratio"] == 0.0 and out["class_entropy"] == 0.0
+    assert any("principal directions" in r for r in out["reasons"]) and any(
+        "class entropy" in r for r in out["reasons"]
+    )
 
 
 def test_chain_of_real_data_is_not_flagged(bars):
     x, _, clf = bars
     out = D.chain_collapse(x[:300], x[300:], clf, fd=12.0, fd_baseline=10.0)
     assert not out["collapsed"] and out["reasons"] == []
-    assert out["pixel_variance_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert out["spread_ratio"] == pytest.approx(1.0, abs=0.15)
     assert out["class_entropy_ratio"] == pytest.approx(1.0, abs=0.05)
     assert out["fd_ratio"] == pytest.approx(1.2)
 
@@ -77,9 +81,47 @@ def test_blown_up_frechet_distance_is_flagged(bars):
     assert not D.chain_collapse(x[:300], x[300:], fd=250.0, fd_baseline=100.0)["collapsed"]
 
 
+def _pixel_variance(x):
+    return x.flatten(1).var(0, unbiased=False).mean().item()
+
+
+def test_binary_chain_stuck_on_one_mean_image_is_flagged(bars):
+    """Binary MNIST-like states: a chain stuck on one blurry image feeds back binary draws of it. Each 0/1 pixel has
+    variance m (1 - m) whatever the images are, so the pixel variance is the data's (the check this one replaces saw
+    nothing); along the data's principal directions the independent draws have a small fraction of the data's spread.
+    No classifier and no Fréchet distance: the spread alone must tell."""
+    x, _, _ = bars
+    g = torch.Generator().manual_seed(0)
+    data = torch.bernoulli(x, generator=g)  # binarised data: the reference, and a sound chain's states
+    stuck = torch.bernoulli(x.mean(0).expand(300, -1, -1, -1), generator=g)
+    reference = data[300:]
+    assert _pixel_variance(stuck) / _pixel_variance(reference) == pytest.approx(1.0, abs=0.05)
+    out = D.chain_collapse(stuck, reference)
+    assert out["collapsed"] and out["spread_ratio"] < 0.2
+    assert any("principal directions" in r for r in out["reasons"])
+    sound = D.chain_collapse(data[:300], reference)
+    assert not sound["collapsed"] and sound["spread_ratio"] > 0.8
+
+
+def test_spread_along_known_directions():
+    """Data varying along one axis only: its top direction is that axis; states with the same spread along it score
+    1, states varying only along another axis score 0."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.zeros(500, 4)
+    ref[:, 0] = 2.0 * torch.randn(500, generator=g)
+    states = torch.zeros(400, 4)
+    states[:, 0] = 2.0 * torch.randn(400, generator=g)
+    out = D.chain_collapse(states, ref)
+    assert out["data_spread"] == pytest.approx(ref[:, 0].var(unbiased=False).item(), rel=1e-6)
+    assert out["spread_ratio"] == pytest.approx(1.0, abs=0.2) and not out["collapsed"]
+    other = torch.zeros(400, 4)
+    other[:, 1] = 2.0 * torch.randn(400, generator=g)
+    assert D.chain_collapse(other, ref)["spread_ratio"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_class_entropy_closed_form():
     pred = torch.tensor([0, 0, 1, 2])  # frequencies 1/2, 1/4, 1/4
-    assert D.class_entropy(pred, 10) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert C.class_entropy(pred, 10) == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
 
 
 def _black_decoder_pair():

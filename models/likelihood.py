@@ -43,6 +43,12 @@ class Likelihood(nn.Module):
             return raw
         return squash(raw, self.value_range)
 
+    def _apply(self, fn, recurse=True):
+        # .double(), .half() and friends round obs_scale from its float, not from the float32 buffer.
+        super()._apply(fn, recurse)
+        self.fixed_scale = torch.tensor(self.obs_scale, dtype=self.fixed_scale.dtype, device=self.fixed_scale.device)
+        return self
+
     def _fixed_scale(self, raw: torch.Tensor) -> torch.Tensor:
         """``obs_scale`` as a tensor of ``raw``'s dtype (the buffer, unless ``raw`` has another dtype)."""
         if self.fixed_scale.dtype == raw.dtype:

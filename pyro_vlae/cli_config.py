@@ -19,7 +19,7 @@ from .guides import GUIDES
 from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
-from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights
+from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights, resolve_device
 from .training.step import CUDA_GRAPH_MODES, use_cuda_graph
 
 
@@ -194,12 +194,14 @@ def _overrides(args) -> tuple:
 
 def check_flags(kind: str, args) -> None:
     """Refuse flags that model ``kind`` would ignore (``--beta``, ``--fade-in``, ``--noise-injection``) or under
-    which it would not train its ELBO (``--elbo meanfield`` for the stacked HVAEs).  Needs no data, so the command
-    line calls it first.
+    which it would not train its ELBO (``--elbo meanfield`` for the stacked HVAEs), and ``--cuda-graph on`` without a
+    CUDA device.  Needs no data, so the command line calls it first.
 
     :raises ValueError: naming the flag and the fix.
     """
     model_over, train_over = _overrides(args)
+    if train_over.get("cuda_graph") == "on":  # refused without a CUDA device
+        use_cuda_graph("on", resolve_device(getattr(args, "device", "auto")))
     if kind != "vlae" and "noise_injection" in model_over:
         raise ValueError(f"--noise-injection combines the vlae's ladder inputs and {kind} has none: drop it")
     check_settings(kind, train_over.get("elbo", "trace"), model_over.get("beta", 1.0), train_over.get("fade_in", 0))
@@ -233,7 +235,6 @@ def config_from_args(args, image_shape, cuda: bool) -> RunConfig:
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over)
     P.check_image_shape(model, image_shape, args.dataset)
-    use_cuda_graph(train.cuda_graph, "cuda" if cuda else "cpu")  # refuses --cuda-graph on without CUDA
     config = RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
     return _checked(config, args, from_preset=True)
 

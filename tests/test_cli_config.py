@@ -2,6 +2,7 @@
 that the model would ignore, or under which it would not train its ELBO, are refused."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,34 @@ def test_weights_saved_without_ladder_gains_still_fit():
     model, guide, _, _ = build(saved, "cpu")
     weights = {k: v for k, v in model.state_dict().items() if k != "ladder_gain"}
     check_weights_fit(saved, {"model": weights, "guide": guide.state_dict(), "step": 3})
+
+
+def test_cuda_graph_and_tf32_flags_reach_the_config_and_config_json(tmp_path):
+    cfg = config_from_args(parse("--cuda-graph", "off", "--tf32", "off"), (1, 16, 16), cuda=False)
+    assert cfg.train.cuda_graph == "off" and cfg.train.tf32 is False
+    default = config_from_args(parse(), (1, 16, 16), cuda=False)
+    assert default.train.cuda_graph == "auto" and default.train.tf32 is True
+    run = tmp_path / "run"
+    argv = ["--dataset", "synthetic", "--num-steps", "2", "--tf32", "off", "--cuda-graph", "off", "--run-dir", run]
+    assert R.main([*map(str, argv), "--no-progress", "--no-figures", "--no-eval"]) == 0
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["tf32"] is False and saved["cuda_graph"] == "off"
+
+
+def test_cuda_graph_on_without_cuda_is_one_error_line(capsys, tmp_path):
+    argv = ["--cuda-graph", "on", "--device", "cpu", "--dataset", "synthetic", "--run-dir", str(tmp_path / "r")]
+    assert R.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cuda-graph on captures the training step in a CUDA graph, and this run is on cpu")
+    assert "--cuda-graph auto" in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--tf32", "maybe"])
+
+
+def test_changing_cuda_graph_or_tf32_on_resume_is_a_conflict():
+    saved = config_from_args(parse(), (1, 16, 16), cuda=False)
+    got = resume_conflicts(parse("--cuda-graph", "off", "--tf32", "off"), saved)
+    assert got == ["--cuda-graph off (the run has auto)", "--tf32 off (the run has on)"]
+    forced = forced_config(parse("--cuda-graph", "off", "--tf32", "off"), saved, cuda=False)
+    assert forced.train.cuda_graph == "off" and forced.train.tf32 is False
+    assert resume_conflicts(parse("--tf32", "on"), saved) == []

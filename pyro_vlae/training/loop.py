@@ -218,16 +218,27 @@ class StepLog:
         return self.last
 
 
-def make_stepper(config: RunConfig, model, guide, optim, svi, device, par, validate_all: bool, log=print):
-    """The step :func:`fit` takes: the graph-safe step (:mod:`pyro_vlae.training.step`), captured in a CUDA graph when
-    ``config.train.cuda_graph`` asks for one on ``device``; under torchrun, the data-parallel SVI step."""
-    if par.world_size > 1:
-        return par.wrap(svi, model, guide, sync_batch_norm=bool(config.extra.get("sync_batch_norm")))
+def start_run(config: RunConfig, device, resume, par, validate_all: bool, log=print) -> tuple:
+    """``(model, guide, optim, stepper, start)``: the networks in training mode and the optimiser, restored from the
+    checkpoint dict ``resume`` (seeded otherwise), the step :func:`fit` takes and its first step number.
+
+    The step is the graph-safe step (:mod:`pyro_vlae.training.step`), captured in a CUDA graph when
+    ``config.train.cuda_graph`` asks for one on ``device``; under torchrun, the data-parallel SVI step.
+    """
+    if resume is None:
+        pyro.set_rng_seed(config.seed)
+    model, guide, optim, svi = build(config, device)
+    start = restore(resume, model, guide, optim, config) if resume is not None else 0
+    model.train(), guide.train()
+    if isinstance(par, distributed.DataParallel):
+        return model, guide, optim, par.wrap(svi, model, guide, bool(config.extra.get("sync_batch_norm"))), start
     graph = use_cuda_graph(config.train.cuda_graph, device)
     if graph and validate_all:
         log("note: --validate-all-steps reads tensors on the host at every step: the step is not captured in a graph")
     warn = lambda msg: log(f"warning: {msg}")  # noqa: E731
-    return make_step(model, guide, optim, config.train.elbo, device, graph=graph and not validate_all, warn=warn)
+    stepper = make_step(model, guide, optim, config.train.elbo, device, graph=graph and not validate_all, warn=warn)
+    stepper.stats.start(start)
+    return model, guide, optim, stepper, start
 
 
 def fit(
@@ -257,27 +268,17 @@ def fit(
     from tqdm.auto import tqdm
 
     check_objective(config)
-    tc = config.train
-    device = torch.device(device)
+    tc, device = config.train, torch.device(device)
     par = distributed.current(device)  # SingleProcess outside torchrun: every call below is then the identity
     if par.is_lead:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
-    if resume is None:
-        pyro.set_rng_seed(config.seed)
-    model, guide, optim, svi = build(config, device)
+    model, guide, optim, stepper, start = start_run(config, device, resume, par, validate_all, log)
     ckpt_path = os.path.join(run_dir, "checkpoints", "latest.pt")
-    start = restore(resume, model, guide, optim, config) if resume is not None else 0
     last_good = ckpt_path if resume is not None else None
-    model.train(), guide.train()
-    stepper = make_stepper(config, model, guide, optim, svi, device, par, validate_all, log)
-    if hasattr(stepper, "stats"):
-        stepper.stats.start(start)
     batches = Batches(bundle, tc.batch_size, config.seed, par, device, config.model.likelihood == "bernoulli")
-    schedule = KLSchedule(tc.anneal)
+    schedule, validation = KLSchedule(tc.anneal), is_validation_enabled()
     writer = open_tensorboard(run_dir, log) if par.is_lead else None
-    validation = is_validation_enabled()
-    step, interrupted = start, False
-    show = progress and par.is_lead
+    step, interrupted, show = start, False, progress and par.is_lead
     bar = tqdm(total=tc.num_steps, initial=start, disable=not show, dynamic_ncols=True, desc=config.model_kind)
     with _StopSignals() as stop, tf32(device, tc.tf32):  # the handlers stay until the final checkpoint is written
         metrics_path = os.path.join(run_dir, "metrics.jsonl") if par.is_lead else os.devnull
@@ -286,8 +287,7 @@ def fit(
             try:
                 gains = set_fade_in(model, config, step)  # also resets the gains of a resumed earlier schedule
                 while step < tc.num_steps:
-                    x = batches(step)
-                    kl_scale = schedule(step)
+                    x, kl_scale = batches(step), schedule(step)
                     if tc.fade_in:  # without a fade-in the gains stay 1: nothing to set on the hot path
                         gains = set_fade_in(model, config, step, gains)
                     with pyro.validation_enabled(validation and (validate_all or step < start + VALIDATED_STEPS)):
@@ -302,17 +302,16 @@ def fit(
                     if steplog.due(step):  # the loss is summed over all ranks' images; KLs on rank 0's shard
                         value = read_loss(stepper, loss, last_good) / par.world_size
                         bar.set_postfix(postfix(steplog.write(model, guide, x, step, value, kl_scale)), refresh=False)
-                    if par.any(stop.raised):
-                        interrupted = True
+                    interrupted = par.any(stop.raised)
+                    if interrupted or step == tc.num_steps or step % tc.checkpoint_every == 0:
+                        read_loss(stepper, loss, last_good)  # no checkpoint after a NaN
+                    if interrupted:
                         break
                     if step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                        read_loss(stepper, loss, last_good)
                         last_good = ckpt_path
                         if par.is_lead:
                             keep = bool(tc.keep_every) and step % tc.keep_every == 0
                             save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
-                if step > start:
-                    read_loss(stepper, loss, last_good)
             finally:
                 bar.close()
         if writer is not None:

@@ -323,3 +323,31 @@ def test_readme_python_api_example_runs():
     exec(compile(code, "README.md", "exec"), scope)
     assert isinstance(scope["loss"], float) and scope["loss"] == scope["loss"]
     assert scope["digits"].shape == (16, 1, 28, 28)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_device_scalar_kl_scale_gives_the_float_s_loss(kind):
+    """The training step passes the KL scale as a float64 tensor changed in place: the same loss as the float, and
+    ``poutine.scale`` refuses a tensor scale of 0 while validation is on."""
+    model, guide = pair(kind, tiny())
+    x = torch.rand(4, 1, 16, 16)
+    losses = []
+    for a in (0.3, torch.tensor(0.3, dtype=torch.float64)):
+        pyro.set_rng_seed(3)
+        losses.append(Trace_ELBO().loss(model, guide, x, kl_scale=a))
+    assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match="Expected scale > 0"):
+        model(x, kl_scale=torch.zeros((), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "laplace"])
+def test_the_fixed_likelihood_scale_is_a_buffer_outside_state_dicts(likelihood):
+    """The fixed scale lives on the model's device (no tensor made from a float per call) and is not saved, so state
+    dicts and checkpoints hold what they always held."""
+    cfg = tiny(likelihood=likelihood, obs_scale=0.2)
+    model, _ = pair("vlae", cfg)
+    assert not any("fixed_scale" in k for k in model.state_dict())
+    raw = torch.randn(3, *cfg.image_shape)
+    assert torch.equal(model.likelihood(raw).base_dist.scale, torch.full_like(raw, 0.2))
+    double = model.likelihood.double()(raw.double()).base_dist.scale
+    assert double.dtype == torch.float64 and torch.equal(double, torch.full_like(raw.double(), 0.2))

@@ -151,3 +151,31 @@ def test_errors_name_the_fix():
     stray.grad = torch.ones(2)
     with pytest.raises(ValueError, match="param store"):
         FusedAdam({"lr": 1.0})([stray])
+
+
+class _CapturableAfterFirstStep(FusedAdam):
+    """FusedAdam made capturable after its first step, as the CUDA-graph step does before its capture."""
+
+    def __call__(self, params, *args, **kwargs):
+        super().__call__(params, *args, **kwargs)
+        self.capturable(True)
+
+
+def test_capturable_changes_the_flag_not_the_update_and_is_not_saved():
+    ref, _ = _train(FusedAdam({"lr": LR}, fused=True), 6, detached=False)
+    opt = _CapturableAfterFirstStep({"lr": LR}, fused=True)
+    got, snap = _train(opt, 6, detached=False)
+    assert all(g["capturable"] for g in opt.optimizer.param_groups)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # bit for bit: the fused kernel ignores the flag
+    groups = [g for st in snap["optim"].values() for g in st["param_groups"]]
+    assert groups and not any(g["capturable"] for g in groups)  # the checkpoint loads into any optimiser
+    resumed = Adam({"lr": LR})  # Pyro's own optimiser resumes it on the CPU
+    _train(resumed, 2, start=6, state=snap, detached=False)
+
+
+def test_capturable_needs_a_step_and_the_fused_kernel():
+    with pytest.raises(RuntimeError, match="take one step first"):
+        FusedAdam({"lr": LR}).capturable(True)
+    _, _ = _train(opt := FusedAdam({"lr": LR}, fused=False), 1)
+    with pytest.raises(RuntimeError, match="needs the fused kernel"):
+        opt.capturable(True)

@@ -242,3 +242,61 @@ def test_fetch_batch_renders_procedural_data_in_one_call_with_the_same_images(na
     idx = torch.tensor([5, 0, 17, 3, 3])
     one_call = T.fetch_batch(bundle.train, idx)
     assert torch.equal(one_call, torch.stack([bundle.train[int(i)][0] for i in idx]))
+
+
+def _poisoned_make_step(monkeypatch, bad_step):
+    """Make the step's loss (and so its gradients) NaN at step ``bad_step`` of the run, inside the device step."""
+    real, calls = T.make_step, []
+
+    def make_step(*args, **kwargs):
+        stepper = real(*args, **kwargs)
+        loss_fn = stepper._loss_fn
+
+        def poisoned(model_trace, guide_trace):
+            loss, surrogate = loss_fn(model_trace, guide_trace)
+            calls.append(1)
+            nan = float("nan") if len(calls) == bad_step else 1.0
+            return loss * nan, surrogate * nan
+
+        stepper._loss_fn = poisoned
+        return stepper
+
+    monkeypatch.setattr(T, "make_step", make_step)
+    return calls
+
+
+def test_a_nan_between_reads_stops_at_the_next_read_naming_its_step(bundle, tmp_path, monkeypatch):
+    """Step 5 turns NaN; nothing is read until the checkpoint of step 6, which is refused: the run stops there, names
+    step 5, and latest.pt is step 3's, untouched."""
+    calls = _poisoned_make_step(monkeypatch, bad_step=5)
+    monkeypatch.setattr(T, "VALIDATED_STEPS", 2)  # Pyro's validation would warn of the NaN in a validated step
+    real_save, saved = TR.save_run_checkpoint, []
+
+    def recording_save(*args, **kwargs):
+        saved.append(args[4])
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(T, "save_run_checkpoint", recording_save)
+    run = tmp_path / "run"
+    cfg = tiny_config(num_steps=12, log_every=4, checkpoint_every=3)
+    with pytest.raises(T.TrainingDiverged, match=r"the loss became nan at step 5; .*latest\.pt and was left intact"):
+        T.fit(cfg, bundle, str(run), "cpu", progress=False)
+    assert len(calls) == 6 and saved == [3]  # step 6 was taken, its checkpoint was not written
+    assert load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"] == 3
+    assert [json.loads(s)["step"] for s in (run / "metrics.jsonl").read_text().splitlines()] == [4]
+
+
+def test_the_loop_reads_the_device_only_to_log_and_before_checkpoints(bundle, tmp_path, monkeypatch):
+    from pyro_vlae.training.step import GraphSafeStep
+
+    real_read, reads = GraphSafeStep.read, []
+    monkeypatch.setattr(GraphSafeStep, "read", lambda self: reads.append(int(self.stats.steps)) or real_read(self))
+    cfg = tiny_config(num_steps=12, log_every=4, checkpoint_every=3)
+    T.fit(cfg, bundle, str(tmp_path), "cpu", progress=False)
+    assert sorted(set(reads)) == [3, 4, 6, 8, 9, 12]
+
+
+def test_cuda_graph_on_is_refused_on_the_cpu(bundle, tmp_path):
+    cfg = tiny_config(cuda_graph="on")
+    with pytest.raises(ValueError, match="--cuda-graph on captures the training step in a CUDA graph"):
+        T.fit(cfg, bundle, str(tmp_path), "cpu", progress=False)

@@ -43,7 +43,7 @@ from .training.checkpoint import (
 )
 from .training.loop import TrainingDiverged, evaluate_elbo, fit
 from .training.progress import truncate_metrics
-from .training.runs import RunConfig, check_objective, load_run, resolve_device, write_config
+from .training.runs import RunConfig, check_objective, check_run_identity, load_run, resolve_device, write_config
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -119,6 +119,7 @@ def main(argv=None) -> int:
         if args.resume:
             resume = load_checkpoint(os.path.join(args.resume, "checkpoints", "latest.pt"))
             config = saved_config(resume)
+            check_run_identity(args.resume, config)  # before any data is read or file written
             conflicts = resume_conflicts(args, config)
             if conflicts and not args.force_config:
                 return _fail(

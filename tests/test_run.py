@@ -149,11 +149,16 @@ def test_stop_signal_checkpoints_and_resume_finishes(tmp_path, sig, code):
         "--no-eval",
     ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size):
+    metrics, deadline = run / "metrics.jsonl", time.time() + 600  # a bound for a hung start, not a speed test
+    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.stat().st_size):
         time.sleep(0.2)
+    # signal only a run that is training (its handlers are in place once it logs a step): a signal sent during a
+    # slow start on a loaded machine would end the import with a traceback instead
+    if proc.poll() is not None or not (metrics.exists() and metrics.stat().st_size):
+        proc.kill()
+        raise AssertionError(f"the run did not start training: {proc.communicate()[1]}")
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == code, err
     step = load_checkpoint(str(run / "checkpoints" / "latest.pt"))["step"]
     assert 1 <= step < 100000 and "--resume" in out
@@ -179,6 +184,39 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert cli("--dataset", "synthetic", "--num-steps", "2", "--run-dir", str(run), *QUIET_FLAGS).returncode == 0
     out = cli("--resume", str(run), "--model", "hvae", *QUIET_FLAGS)
     assert out.returncode == 2 and "--model hvae (the run has vlae)" in out.stderr and "--force-config" in out.stderr
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "other, edit, message",
+    [
+        (["--model", "hvae"], None, "model kind hvae in the checkpoint, vlae in config.json"),
+        (["--latent-dims", "2,3"], None, "latent sizes [2, 3] in the checkpoint, [2, 2] in config.json"),
+        ([], {"dataset": "fashion-mnist"}, "dataset synthetic in the checkpoint, fashion-mnist in config.json"),
+    ],
+    ids=["hvae-checkpoint-in-vlae-run", "latent-sizes", "dataset"],
+)
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys, other, edit, message):
+    """A checkpoint placed in a run folder whose config.json names another model kind, dataset or latent sizes is
+    refused with one error line, and nothing in the folder changes."""
+    base = ["--dataset", "synthetic", "--num-steps", "2", *QUIET_FLAGS]
+    run, donor = tmp_path / "run", tmp_path / "donor"
+    assert R.main([*base, "--latent-dims", "2,2", "--run-dir", str(run)]) == 0
+    assert R.main([*base, "--latent-dims", "2,2", *other, "--run-dir", str(donor)]) == 0
+    (run / "checkpoints" / "latest.pt").write_bytes((donor / "checkpoints" / "latest.pt").read_bytes())
+    if edit:
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, **edit}))
+    capsys.readouterr()
+    before = snapshot(run)
+    assert R.main(["--resume", str(run), "--num-steps", "4", *QUIET_FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: refusing to resume {run}: its checkpoint") and err.count("\n") == 1
+    assert message in err and "belongs to another run" in err
+    assert snapshot(run) == before
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):

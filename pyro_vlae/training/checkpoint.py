@@ -1,4 +1,4 @@
-"""Atomic writes, safe checkpoint loading and the run-folder lock.
+"""Atomic writes, safe checkpoint loading and the run-folder lock (owner's host, PID and boot id).
 
 Every file a run writes goes to a temporary file in the same folder first, is flushed and fsynced, then moved into
 place with ``os.replace``: a reader sees the old file or the new one, never a torn one.  Checkpoints load with
@@ -17,6 +17,7 @@ import io
 import json
 import os
 import random
+import socket
 import tempfile
 import warnings
 
@@ -255,11 +256,42 @@ def folder_guard(folder: str):
         os.close(fd)  # closing the descriptor releases the flock
 
 
-class RunLock:
-    """An exclusive ``run.lock`` file holding the owner's PID.  A lock left by a dead process is taken over.
+#: Changes at every boot of a Linux kernel; absent elsewhere.
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
-    Checking and taking the lock happen under :func:`folder_guard`, so concurrent starts cannot both take it.  Use as
-    a context manager; raises :class:`RunLockedError` when a live process holds it.
+
+def lock_owner() -> dict:
+    """This process as a lock owner: host name, PID and boot id (``None`` where the system has none)."""
+    try:
+        with open(BOOT_ID_FILE) as f:
+            boot = f.read().strip() or None
+    except OSError:
+        boot = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": boot}
+
+
+def _read_owner(path: str):
+    """The owner recorded in a lock file, or ``None`` when it cannot be read as one (damaged, or an older format)."""
+    try:
+        with open(path) as f:
+            owner = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    keys = ("host", "pid", "boot_id")
+    if not isinstance(owner, dict) or any(k not in owner for k in keys) or not isinstance(owner["pid"], int):
+        return None
+    return {k: owner[k] for k in keys}
+
+
+class RunLock:
+    """An exclusive ``run.lock`` file naming its owner: host, PID and boot id.
+
+    A lock is taken over only when it was written on this host during this boot by a process that is gone.  A lock
+    from another host is never taken over: that process cannot be seen from here (on a shared filesystem its PID is
+    meaningless locally), and neither is a lock from this host name under another boot id (a restart, or another
+    machine with the same name), nor a file that does not name its owner; the error says how to remove a lock that is
+    truly stale.  Checking and taking the lock happen under :func:`folder_guard`, so concurrent starts cannot both
+    take it.  Use as a context manager; raises :class:`RunLockedError` when the lock cannot be taken.
     """
 
     def __init__(self, run_dir: str):
@@ -270,25 +302,46 @@ class RunLock:
         with folder_guard(os.path.dirname(self.path) or "."):
             return self._acquire()
 
+    def _refusal(self, owner, me) -> str:
+        """Why the lock of ``owner`` cannot be taken, or ``""`` when it is stale and may be taken over."""
+        folder, remove = os.path.dirname(self.path), f"delete {self.path} and start again"
+        if owner is None:
+            return (
+                f"run folder {folder} has a lock file {self.path} that does not name its owner's host (damaged, or "
+                f"written by an older pyro_vlae); if no process is training in this folder, {remove}"
+            )
+        if owner["host"] != me["host"]:
+            return (
+                f"run folder {folder} is locked by process {owner['pid']} on host {owner['host']} (lock file "
+                f"{self.path}); a lock from another host is never taken over: wait for that run to finish, or, if "
+                f"no process on {owner['host']} is training in this folder any more, {remove}"
+            )
+        if owner["boot_id"] != me["boot_id"]:
+            return (
+                f"run folder {folder} is locked by process {owner['pid']} on host {owner['host']} under another boot "
+                f"(boot id {owner['boot_id']}, this one {me['boot_id']}): the machine restarted since, or another "
+                f"machine has the same name (lock file {self.path}); if no process is training in this folder, {remove}"
+            )
+        if owner["pid"] != me["pid"] and _pid_alive(owner["pid"]):
+            return (
+                f"run folder {folder} is in use by process {owner['pid']} (lock file {self.path}); wait for it to "
+                "finish, or use another --run-dir"
+            )
+        return ""
+
     def _acquire(self):
+        me = lock_owner()
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RunLockedError(
-                        f"run folder {os.path.dirname(self.path)} is in use by process {pid} (lock file {self.path}); "
-                        "wait for it to finish, or use another --run-dir"
-                    ) from None
-                os.unlink(self.path)  # stale lock from a dead process
+                why = self._refusal(_read_owner(self.path), me)
+                if why:
+                    raise RunLockedError(why) from None
+                os.unlink(self.path)  # stale: written on this host and boot by a process that is gone
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(json.dumps(me))
             self.held = True
             remove_stale_temporaries(os.path.join(os.path.dirname(self.path), "checkpoints"))
             return self

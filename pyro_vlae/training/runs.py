@@ -1,6 +1,7 @@
 """A run's identity and its checkpoints: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI),
 :func:`save_run_checkpoint`, :func:`load_weights` and :func:`load_run`; :func:`check_objective` refuses settings under
-which training would not optimise the ELBO the user asked for.
+which training would not optimise the ELBO the user asked for, and :func:`check_run_identity` a checkpoint that belongs
+to another run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..models import get_model
 from ..nets import ModelConfig
 from ..presets import TrainConfig
 from .annealing import ladder_gains
-from .checkpoint import atomic_write_json, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import atomic_write_json, load_checkpoint, read_json_dict, rng_state, save_checkpoint
 from .optim import FusedAdam
 
 
@@ -186,6 +187,32 @@ def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
     load_weights(model, guide, state, config)
     model.eval(), guide.eval()
     return model, guide, config, state
+
+
+def check_run_identity(run_dir: str, config: RunConfig, checkpoint: str = "checkpoints/latest.pt") -> None:
+    """Refuse to resume a checkpoint of another run: one whose model kind, dataset or latent sizes differ from the run
+    folder's ``config.json`` (a checkpoint copied in from elsewhere would otherwise train on under the wrong name).
+    A folder without a readable ``config.json`` (runs older than it) is not checked.
+
+    :param config: the configuration saved in the checkpoint.
+    :raises ValueError: naming each difference and the fix.
+    """
+    saved = read_json_dict(os.path.join(run_dir, "config.json"))
+    if not saved:
+        return
+    model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
+    pairs = {
+        "model kind": (config.model_kind, saved.get("model_kind")),
+        "dataset": (config.dataset, saved.get("dataset")),
+        "latent sizes": (list(config.model.latent_dims), model.get("latent_dims")),
+    }
+    diffs = [f"{k} {ck} in the checkpoint, {rk} in config.json" for k, (ck, rk) in pairs.items() if ck != rk]
+    if diffs:
+        raise ValueError(
+            f"refusing to resume {run_dir}: its checkpoint {os.path.join(run_dir, checkpoint)} belongs to another run "
+            f"({'; '.join(diffs)}). Put this run's own checkpoint back, or resume the checkpoint in the folder of the "
+            "run it came from"
+        )
 
 
 def write_config(run_dir: str, config: RunConfig, argv=None) -> None:

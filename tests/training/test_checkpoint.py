@@ -1,8 +1,10 @@
 """Atomic writes, safe checkpoint loading, RNG round trips and the run lock."""
 
+import json
 import os
 import pickle
 import random
+import socket
 
 import numpy as np
 import pytest
@@ -83,20 +85,41 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
+def write_lock(folder, **owner):
+    """A ``run.lock`` in ``folder`` from this host, boot and a dead PID, with ``owner``'s fields changed."""
+    text = json.dumps({**C.lock_owner(), "pid": 999999999, **owner})
+    (folder / "run.lock").write_text(text)
+    return text
+
+
+def held_by_me(folder):
+    return json.loads((folder / "run.lock").read_text()) == C.lock_owner()
+
+
+def test_lock_owner_names_host_pid_and_boot():
+    owner = C.lock_owner()
+    assert owner["host"] == socket.gethostname() and owner["pid"] == os.getpid()
+    if os.path.exists("/proc/sys/kernel/random/boot_id"):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            assert owner["boot_id"] == f.read().strip()
+    else:
+        assert owner["boot_id"] is None
+
+
 def test_stale_lock_takeover_waits_for_the_folder_guard(tmp_path):
     """A start that finds a stale lock checks and takes it only under the folder's flock, so two starts in the same
     instant cannot both take it over."""
     import threading
 
-    (tmp_path / "run.lock").write_text("999999999")  # stale
+    stale = write_lock(tmp_path)
     got = []
     with C.folder_guard(str(tmp_path)):  # another start is between its check and its take
         t = threading.Thread(target=lambda: got.append(C.RunLock(str(tmp_path)).acquire()), daemon=True)
         t.start()
         t.join(0.5)
-        assert t.is_alive() and (tmp_path / "run.lock").read_text() == "999999999", "it must wait for the guard"
-    t.join(10)
-    assert not t.is_alive() and got[0].held and (tmp_path / "run.lock").read_text() == str(os.getpid())
+        assert t.is_alive() and (tmp_path / "run.lock").read_text() == stale, "it must wait for the guard"
+    t.join(60)
+    assert not t.is_alive() and got[0].held and held_by_me(tmp_path)
     got[0].release()
 
 
@@ -110,19 +133,43 @@ def test_folder_without_flock_still_locks_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with pytest.warns(UserWarning, match="no flock on this filesystem"):
         with C.RunLock(str(tmp_path)) as lock:
-            assert lock.held and (tmp_path / "run.lock").read_text() == str(os.getpid())
+            assert lock.held and held_by_me(tmp_path)
 
 
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path):
     with C.RunLock(str(tmp_path)):
-        assert (tmp_path / "run.lock").read_text() == str(os.getpid())
-        (tmp_path / "run.lock").write_text("1")  # PID 1 is always alive
+        assert held_by_me(tmp_path)
+        write_lock(tmp_path, pid=1)  # PID 1 is always alive
         with pytest.raises(C.RunLockedError, match="in use by process 1"):
             C.RunLock(str(tmp_path)).acquire()
-    (tmp_path / "run.lock").write_text("999999999")  # no such process: stale
+    write_lock(tmp_path)  # this host and boot, no such process: stale
     with C.RunLock(str(tmp_path)) as lock:
-        assert lock.held
+        assert lock.held and held_by_me(tmp_path)
     assert not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "owner, message",
+    [
+        ({"host": "node-b"}, "locked by process 999999999 on host node-b .* never taken over"),
+        ({"host": "node-b", "pid": 1}, "locked by process 1 on host node-b"),
+        ({"boot_id": "another-boot"}, "under another boot .*boot id another-boot"),
+        (None, "does not name its owner's host"),
+    ],
+    ids=["other-host-pid-absent-here", "other-host-pid-alive-here", "other-boot", "pid-only-file"],
+)
+def test_run_lock_is_never_taken_over_when_its_owner_cannot_be_seen(tmp_path, owner, message):
+    """A lock from another host (whatever its PID means here), from another boot or naming no host stays, with an
+    error that says how to remove a truly stale lock."""
+    if owner is None:
+        (tmp_path / "run.lock").write_text("999999999")  # the older format: a PID alone
+    else:
+        write_lock(tmp_path, **owner)
+    before = (tmp_path / "run.lock").read_text()
+    with pytest.raises(C.RunLockedError, match=message) as e:
+        C.RunLock(str(tmp_path)).acquire()
+    assert f"delete {tmp_path / 'run.lock'} and start again" in str(e.value)
+    assert (tmp_path / "run.lock").read_text() == before
 
 
 def test_load_run_builds_model_and_guide_only(tmp_path, monkeypatch):

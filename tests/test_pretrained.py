@@ -168,7 +168,8 @@ def finished_tiny_run(tmp_path):
     model, guide, optim, _ = build(config, "cpu")
     run = str(tmp_path / "run")
     save_run_checkpoint(run, model, guide, optim, 4, config)
-    write_config(run, config, argv=["python", "-m", "pyro_vlae.run", "--dataset", "synthetic", "--fade-in", "1"])
+    argv = ["/somewhere/pyro_vlae/run.py", "--dataset", "synthetic", "--fade-in", "1", "--run-dir", "/scratch/x/tiny"]
+    write_config(run, config, argv=argv)
     return run, model, guide, optim, config
 
 
@@ -244,7 +245,7 @@ def test_export_round_trip_matches_the_run(tmp_path, monkeypatch):
     out.mkdir()
     E.export_model(run, str(out), "tiny-vlae", {"commit": "0" * 40, "dirty": []}, x)
     meta = json.loads((out / "tiny-vlae.json").read_text())
-    assert meta["command"] == "python -m pyro_vlae.run --dataset synthetic --fade-in 1"
+    assert meta["command"] == "python -m pyro_vlae.run --dataset synthetic --fade-in 1 --run-dir runs/tiny"
     assert meta["ladder_gain"] == [1.0, 1.0]  # the last step trained, 3, had both layers faded in
     monkeypatch.setattr(P, "FOLDER", str(out))
     loaded, _ = pv.load_pretrained("tiny-vlae")

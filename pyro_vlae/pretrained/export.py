@@ -150,6 +150,19 @@ def _write(out: str, name: str, state: dict, meta: dict) -> str:
     return os.path.join(out, name + ".pt")
 
 
+def public_command(command: list) -> str:
+    """The run's recorded command as a user types it: ``python -m pyro_vlae.run ...`` (a run started from the shell
+    records ``sys.argv``, ``.../run.py ...``), with ``--run-dir`` shown as ``runs/<the folder's name>``, not the
+    exporting machine's path."""
+    if command[:3] != ["python", "-m", "pyro_vlae.run"]:
+        command = ["python", "-m", "pyro_vlae.run", *command[1:]]
+    out = list(command)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--run-dir":
+            out[i + 1] = "runs/" + os.path.basename(os.path.normpath(out[i + 1]))
+    return " ".join(out)
+
+
 def export_model(run_dir: str, out: str, name: str, commit: dict, x_check: torch.Tensor, log=print) -> str:
     """Write ``<out>/<name>.pt`` and ``.json`` from the run in ``run_dir`` (which must have finished training)."""
     model, guide, config, state = load_run(run_dir, "cpu")
@@ -171,14 +184,12 @@ def export_model(run_dir: str, out: str, name: str, commit: dict, x_check: torch
     weights = {"model": conv(model_sd), "guide": conv(guide.state_dict()), "format": FORMAT}
     if gain is not None:
         weights["ladder_gain"] = gain
-    command = read_json_dict(os.path.join(run_dir, "config.json")).get("command") or []
-    if command[:3] != ["python", "-m", "pyro_vlae.run"]:  # a run from the shell records sys.argv: .../run.py ...
-        command = ["python", "-m", "pyro_vlae.run", *command[1:]]
+    command = public_command(read_json_dict(os.path.join(run_dir, "config.json")).get("command") or [])
     meta = {
         "kind": "model",
         "name": name,
         "description": f"{config.model_kind} on {config.dataset}, preset {config.preset}: the default job on CPU",
-        "command": " ".join(command),
+        "command": command,
         **commit,
         "trained_steps": int(state["step"]),
         "ladder_gain": gain.tolist() if gain is not None else None,

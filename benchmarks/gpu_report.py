@@ -101,7 +101,7 @@ def speed_table(rows: list) -> list:
 
 def _paper_scale(res: dict) -> list:
     d = res.get("result") or {}
-    p, pack = d.get("plan") or {}, d.get("pack") or {}
+    p, pack, eq = d.get("plan") or {}, d.get("pack") or {}, d.get("equal_images") or {}
     est = p.get("estimates") or {}
     lines = [
         f"- image size {p.get('size')}x{p.get('size')}, batch {p.get('batch')}: {p.get('why', '-')}",
@@ -124,13 +124,21 @@ def _paper_scale(res: dict) -> list:
         )
     lines += [
         "",
-        f"- shapes3d at equal images: {d.get('equal_images')} (common target step {d.get('target_step', '-')})",
+        f"- shapes3d steps {eq.get('steps')}: spread {_f(eq.get('spread'), '{:.2%}')} of the fewest (common target "
+        f"step {d.get('target_step', '-')}; the stop reads the metrics every {p.get('log_every')} steps)",
         f"- packed: {', '.join(pack.get('runs') or []) or 'nothing'} in {len(pack.get('parts') or [])} parts, "
         f"{_f((pack.get('archive') or {}).get('bytes', 0) / 2**20, '{:.1f}')} MiB"
         + (f"; left out: {', '.join(pack['left_out'])}" if pack.get("left_out") else "")
         + "; back here: `python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale`",
     ]
     return lines
+
+
+def _returned(r: dict | None) -> list:
+    if not r:
+        return []
+    verdict = "ok" if r["ok"] else "OVER THE LIMIT"
+    return [f"Returned: {len(r['files'])} files, {r['total_mib']} MiB (at most 8 and 64 MiB): {verdict}."]
 
 
 def render_markdown(s: dict) -> str:
@@ -144,6 +152,7 @@ def render_markdown(s: dict) -> str:
         + ("" if "all_ok" not in s else f"; every part ok: {s['all_ok']}")
         + ".",
         *([f"**error: {s['error']}**"] if s.get("error") else []),
+        *_returned(s.get("returned")),
         "",
         *_parts_table(parts),
     ]

@@ -8,16 +8,18 @@ It trains, at the same time, with ``python -m pyro_vlae.run``:
 * the plain VLAE under ``--preset mnist-paper`` (the reference schedule, no fade-in) to its 30,000 steps or as many
   as fit.
 
-Equal images: the three shapes3d runs take the same batch; once half the training window has passed, the step that
-the slowest of them will reach by the deadline (from its logged rate) becomes the target, and each run is stopped by
-SIGTERM when its log reaches it (the run then writes its checkpoint and exits with 143); every run still going at the
-deadline is stopped then.  The step counts come from the checkpoints and are reported.  Then each run is exported
-with float16 weights and packed (``benchmarks/model_pack.py``) into at most ``--max-parts`` files of 15 MiB beside
-``models.manifest.json`` in ``--out``.  ``<work>/paper_scale.json`` holds the plan and the results.
+Equal images: the three shapes3d runs take the same batch; once half the training window has passed, the step that the
+slowest of them will reach by the deadline (from its logged rate) becomes the target, and each run is stopped by SIGTERM
+when its log reaches it (the run then writes its checkpoint and exits with 143); every run still going at the deadline
+is stopped then. A SIGTERM to the driver stops every run the same way and still exports and packs what they saved
+(within ``procs.GRACE_S``, the time the GPU check gives it before SIGKILL). The step counts come from the checkpoints
+and are reported. Then each run is exported with float16 weights and packed (``benchmarks/model_pack.py``) into parts of
+15.5 MiB, at most ``--max-bytes`` in all, beside ``models.manifest.json`` in ``--out``. ``<work>/paper_scale.json``
+holds the plan and the results.
 
     python benchmarks/paper_scale.py --out $OUT --budget-s 480 --speed-json speed.json   # on the GPU machine
-    python benchmarks/paper_scale.py --out /tmp/ps --dry-run                              # every step on a CPU
-    python benchmarks/model_pack.py unpack /tmp/ps --dest runs/paper_scale                # back here
+    python benchmarks/paper_scale.py --out ps_out --dry-run                               # every step on a CPU
+    python benchmarks/model_pack.py unpack ps_out --dest runs/paper_scale                 # back here
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import tempfile
 import threading
@@ -143,6 +146,7 @@ class Driver:
         self.summary: dict = {"command": " ".join(sys.argv), "dry_run": self.dry_run, "budget_s": args.budget_s}
         self.target: int | None = None  # the shapes3d runs' common last step, once fixed
         self.lock = threading.Lock()  # the runs' watcher threads all call update_target
+        self.stopping = ""  # set by SIGTERM to the driver: every run is stopped, then exported and packed
 
     def say(self, msg):
         print(f"[paper_scale {time.time() - self.t0:6.1f}s] {msg}", flush=True)
@@ -153,15 +157,15 @@ class Driver:
 
     def common(self) -> list:
         data = ["--data-dir", self.args.data_dir] if self.args.data_dir else []
-        every = DRY["log_every"] if self.dry_run else LOG_EVERY
+        every = self.summary["plan"]["log_every"]
         return ["--log-every", every, "--checkpoint-every", 5000, "--no-figures", "--no-eval", "--no-progress", *data]
 
     def shapes3d_stop(self, name, deadline, window_s):
         """Stop callback of one shapes3d run: at the deadline, or at the common target (:meth:`update_target`)."""
 
         def stop():
-            if time.time() >= deadline:
-                return AT_DEADLINE
+            if self.stopping or time.time() >= deadline:
+                return self.stopping or AT_DEADLINE
             self.update_target(deadline, window_s)
             if self.target is not None and metrics_steps(self.work / name) >= self.target:
                 return f"stopped by SIGTERM at the common target, step {self.target}"
@@ -187,13 +191,19 @@ class Driver:
             self.summary["target_step"] = self.target
             self.say(f"shapes3d runs stop at step {self.target} (the slowest run's projected step at the deadline)")
 
+    def _on_sigterm(self, signum, frame):
+        self.stopping = "stopped by SIGTERM: the driver itself was stopped"
+        self.say("SIGTERM: stopping every run, then exporting and packing what they saved")
+
     def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         a, dry = self.args, self.dry_run
         sizes = model_bytes(dry)
         p = plan(a.budget_s, read_rates(a.speed_json), sizes, a.max_bytes, dry)
         size = a.size or p["size"]
         self.batch = DRY["batch"] if dry else BATCH[size]
-        self.summary["plan"] = {**p, "size": size, "batch": self.batch}
+        every = DRY["log_every"] if dry else LOG_EVERY
+        self.summary["plan"] = {**p, "size": size, "batch": self.batch, "log_every": every}
         self.say(p["why"] + (f"; overridden: --size {a.size}" if a.size else ""))
         deadline = self.t0 + a.budget_s - STOP_S - PACK_S
         window = deadline - time.time()
@@ -206,7 +216,7 @@ class Driver:
             parts[name] = self.shapes3d[name] = Part(self, name, "pyro_vlae.run", argv, window + 10, stop=stop)
         mnist = ["--dataset", "synthetic", "--preset", "tiny", "--fade-in", 0] if dry else ["--preset", "mnist-paper"]
         argv = ["--model", "vlae", *mnist, "--num-steps", MNIST_STEPS, "--run-dir", self.work / "mnist-paper_vlae"]
-        stop = lambda: AT_DEADLINE if time.time() >= deadline else False  # noqa: E731
+        stop = lambda: self.stopping or (AT_DEADLINE if time.time() >= deadline else False)  # noqa: E731
         parts["mnist-paper_vlae"] = Part(self, "mnist-paper_vlae", "pyro_vlae.run", [*argv, *self.common()],
                                          window + 10, stop=stop)  # fmt: skip
         self.say(f"started {', '.join(parts)}; training window {window:.0f} s")
@@ -238,8 +248,9 @@ class Driver:
         t = time.time()
         manifest = MP.pack(exported, self.out, self.args.max_bytes, tmp_dir=self.work)
         self.summary["pack"] = {**manifest, "seconds": round(time.time() - t, 1)}
-        steps = [self.summary["runs"][n].get("step") for n in self.shapes3d]
-        self.summary["equal_images"] = len(set(steps)) == 1
+        steps = [self.summary["runs"][n].get("step") or 0 for n in self.shapes3d]
+        spread = (max(steps) - min(steps)) / max(min(steps), 1)
+        self.summary["equal_images"] = {"steps": steps, "spread": round(spread, 4), "within_1pct": spread <= 0.01}
         self.say(f"packed {manifest['runs']} into {len(manifest['parts'])} parts; shapes3d steps {steps}")
 
 
@@ -250,7 +261,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, help="wall-clock budget of the whole driver (default 480; dry run 150)")
     p.add_argument("--speed-json", help="speed.py's --json output, for the measured shapes3d rates")
     p.add_argument("--size", type=int, choices=(32, 64), help="shapes3d image size (default: from the plan)")
-    p.add_argument("--max-bytes", type=int, default=4 * MP.PART_BYTES, help="largest packed size (default 60 MiB)")
+    p.add_argument("--max-bytes", type=int, default=4 * MP.PART_BYTES, help="largest packed size (default 62 MiB)")
     p.add_argument("--data-dir", help="dataset folder (default: the run command's)")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny batches")
     args = p.parse_args(argv)

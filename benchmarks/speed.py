@@ -152,8 +152,10 @@ def main(args):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)  # as training runs after its first 10 validated steps (pyro_vlae.training.loop.fit)
+    if device.type == "cuda":  # as training runs on CUDA unless --tf32 off
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     torch.manual_seed(0)
-    print(f"machine: {machine_line(device)}")
+    print(f"machine: {machine_line(device)}, TF32 {'on' if args.tf32 and device.type == 'cuda' else 'off'}")
     print(f"before: {load_line()}", flush=True)
     mm = {
         "100x6272 @ 6272x1024": matmul_gflops(device, BATCH, 6272, 1024),
@@ -204,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", type=_cases, help="preset:batch,... (default: by device, see above)")
     p.add_argument("--side", action=argparse.BooleanOptionalAction, default=None,
                    help="also generation and IWAE throughput (default: on the CPU only)")  # fmt: skip
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 on CUDA, as training's default (--no-tf32: full float32)")  # fmt: skip
     p.add_argument("--no-profile", action="store_true", help="no profiler pass (no GPU-busy fraction or limit)")
     p.add_argument("--iwae-k", type=int, default=1000)
     p.add_argument("--iwae-images", type=int, default=10)

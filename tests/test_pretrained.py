@@ -44,6 +44,9 @@ def test_shipped_entries_carry_their_provenance():
     meta = P.info("vlae-mnist")
     assert meta["command"].startswith("python -m pyro_vlae.run --model vlae")
     assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"])
+    for stage in ("trained_at", "exported_at"):  # the weights come from committed code, exported by committed code
+        assert re.fullmatch(r"[0-9a-f]{40}", meta[stage]["commit"]) and meta[stage]["dirty"] == [], stage
+    assert meta["trained_at"]["commit"] == meta["commit"] and "/tmp/" not in meta["command"]
     assert meta["config"]["preset"] == "mnist-cpu" and meta["trained_steps"] == meta["config"]["train"]["num_steps"]
     assert meta["ladder_gain"] == [1.0, 1.0]  # the fade-in is over at the end of the run
     lik = meta["evaluation"]["likelihood"]
@@ -98,10 +101,10 @@ def test_outputs_are_deterministic_given_the_codes(pair):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_top_layer_changes_the_digit_far_more_often_than_the_bottom(pair, seed):
     """The paper's Fig. 5 claim with the shipped classifier: resampling z3 alone changes the predicted class at least
-    1.5 times as often as resampling z1 alone (each image against the first of its group; 256 groups of 4).
+    twice as often as resampling z1 alone (each image against the first of its group; 256 groups of 4).
 
-    Over six seeds the rates average 0.36 (z1) and 0.77 (z3), a ratio of 2.2; with 768 comparisons per layer the
-    rates spread by about 0.025 between seeds, so 1.5 leaves several of those while 2 would not."""
+    Over seeds 0-5 the rates average 0.24 (z1, 0.21-0.25) and 0.87 (z3, 0.85-0.88), a ratio of 3.5-4.1; with 768
+    comparisons per layer the rates spread by about 0.02 between seeds, so a ratio of 2 leaves many of those."""
     model, _ = pair
     clf = P.load_classifier()
     rates = {}
@@ -110,7 +113,7 @@ def test_top_layer_changes_the_digit_far_more_often_than_the_bottom(pair, seed):
         imgs = pv.intervene_layer(model, site, num_groups=256, num_samples=4, generator=g)
         classes = predict(clf, imgs.flatten(0, 1)).reshape(256, 4)
         rates[site] = (classes[:, 1:] != classes[:, :1]).double().mean().item()
-    assert rates["z3"] >= 1.5 * rates["z1"], rates
+    assert rates["z3"] >= 2 * rates["z1"], rates
 
 
 def test_shipped_classifier_is_accurate_on_mnist_test_images():

@@ -14,6 +14,7 @@ from pyro_vlae.nets import (
     ModelConfig,
     batch_size_of,
     check_kl_scale,
+    children,
     gaussian_conditional,
 )
 
@@ -54,7 +55,7 @@ class MarkovHVAEGuide(PyroModule):
         n = batch_size_of(x, batch_size, self.config.image_shape, type(self).__name__)
         zs, h = [], x
         with pyro.plate("data", n), poutine.scale(scale=kl_scale):
-            for l, net in enumerate(self.conditionals, start=1):
+            for l, net in enumerate(children(self, "conditionals")[0], start=1):
                 loc, scale = net(h)
                 h = pyro.sample(f"z{l}", dist.Normal(loc, scale).to_event(1))
                 zs.append(h)

@@ -7,7 +7,7 @@ import pyro.distributions as dist
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale, children
 
 
 class VAEGuide(PyroModule):
@@ -24,7 +24,8 @@ class VAEGuide(PyroModule):
 
     def posterior(self, x):
         """``[(loc, scale)]`` of ``q(z1|x)`` without sampling."""
-        return [self.head(self.encoder(self.conv(x)))]
+        head, encoder, conv = children(self, "head", "encoder", "conv")
+        return [head(encoder(conv(x)))]
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
         if x is None:

@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale
+from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_size_of, check_kl_scale, children
 
 
 class VLAEGuide(PyroModule):
@@ -62,16 +62,16 @@ class VLAEGuide(PyroModule):
 
     def posterior(self, x):
         """Return ``[(loc_1, scale_1), ..., (loc_L, scale_L)]`` of ``q(z_l | x)`` without sampling."""
-        heads = self.heads  # PyroModule re-registers a child's parameters on each attribute access: look up once
+        (heads,) = children(self, "heads")  # PyroModule re-registers a child's parameters on each access: look up once
         if self.config.inference == "branches":
-            branches, trunk = self.branches, self.trunk
+            branches, trunk = children(self, "branches", "trunk")
             out, t = [heads[0](branches[0](x))], x
             for l in range(1, self.config.num_layers):
                 t = trunk[l - 1](t)
                 out.append(heads[l](branches[l](t)))
             return out
         out, h = [], x
-        for step, head in zip(self.steps, heads):
+        for step, head in zip(children(self, "steps")[0], heads):
             h = step(h)
             out.append(head(h))
         return out

@@ -14,6 +14,7 @@ from pyro_vlae.nets import (
     ModelConfig,
     batch_size_of,
     check_kl_scale,
+    children,
     dense_decoder,
     gaussian_conditional,
 )
@@ -71,7 +72,7 @@ class MarkovHVAEModel(PyroModule):
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, type(self).__name__)
         # Each access to a child module re-registers its parameters with Pyro: look each one up once.
-        decoder, conditionals, likelihood = self.decoder, self.conditionals, self.likelihood
+        decoder, conditionals, likelihood = children(self, "decoder", "conditionals", "likelihood")
         ref = next(decoder.parameters())
         zs = [None] * c.num_layers
         with pyro.plate("data", n):

@@ -8,7 +8,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from pyro_vlae.nets import MLP, DeconvDecoder, ModelConfig, batch_size_of, check_kl_scale
+from pyro_vlae.nets import MLP, DeconvDecoder, ModelConfig, batch_size_of, check_kl_scale, children
 
 from .likelihood import Likelihood
 
@@ -38,11 +38,11 @@ class VAEModel(PyroModule):
         c = self.config
         kl_scale = check_kl_scale(kl_scale) * c.beta
         n = batch_size_of(x, batch_size, c.image_shape, "VAEModel")
-        decoder, likelihood = self.decoder, self.likelihood  # one Pyro registration per child per call
+        decoder, likelihood, top = children(self, "decoder", "likelihood", "top")  # one Pyro registration each
         zero = decoder.fc[0].weight.new_zeros(n, self.latent_dim)
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):
                 z = pyro.sample("z1", dist.Normal(zero, torch.ones_like(zero)).to_event(1))
-            raw = decoder(self.top(z))
+            raw = decoder(top(z))
             pyro.sample("x", likelihood(raw), obs=x)
         return likelihood.mean(raw)

@@ -9,7 +9,16 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vlae.nets import MLP, DeconvDecoder, ModelConfig, NoiseInjection, batch_size_of, check_kl_scale, dense
+from pyro_vlae.nets import (
+    MLP,
+    DeconvDecoder,
+    ModelConfig,
+    NoiseInjection,
+    batch_size_of,
+    check_kl_scale,
+    children,
+    dense,
+)
 
 from .likelihood import Likelihood
 
@@ -65,12 +74,13 @@ class VLAEModel(PyroModule):
         L = self.config.num_layers
         # Each access to a child module re-registers its parameters with Pyro (PyroModule.__getattr__); look every
         # child up once per call.
-        inject, ladder, combine, gain = self.inject, self.ladder, self.combine, self.ladder_gain
-        path = self.top(zs[L - 1])
+        inject, ladder, combine, top, decoder = children(self, "inject", "ladder", "combine", "top", "decoder")
+        gain = self.ladder_gain
+        path = top(zs[L - 1])
         for l in range(L - 1, 0, -1):  # l is the 1-based layer index of the code entering now
             joined = inject[l - 1](path, gain[l - 1] * ladder[l - 1](zs[l - 1]))
             path = joined if l == 1 else combine[l - 2](joined)
-        return self.decoder(path)
+        return decoder(path)
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
         """Sample ``z`` from the prior and ``x`` from ``r``; observe ``x`` when given.  Returns the mean image."""
@@ -78,7 +88,7 @@ class VLAEModel(PyroModule):
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, "VLAEModel")
         ref = self.ladder_gain  # a buffer: gives the device and dtype without touching a child module
-        likelihood = self.likelihood
+        (likelihood,) = children(self, "likelihood")
         zs = [None] * c.num_layers
         with pyro.plate("data", n):
             with poutine.scale(scale=kl_scale):

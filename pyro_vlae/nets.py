@@ -8,6 +8,7 @@ convolutions on the way down.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -302,6 +303,34 @@ def squash(raw: torch.Tensor, value_range) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Argument checks shared by every model and guide (plain Python, no Pyro).
+
+
+_REGISTER = [True]  # whether children() goes through the owner's attribute lookup (see without_param_registration)
+
+
+@contextlib.contextmanager
+def without_param_registration():
+    """Inside, :func:`children` reads child modules from ``module._modules``, past the owner's attribute lookup.
+
+    A Pyro ``PyroModule`` registers a plain child module's parameters with Pyro (a ``pyro.module`` statement) every
+    time the child is looked up; for the small networks here that is most of a training step's Python time.  A
+    training step whose parameters are registered already and held by its optimiser
+    (:class:`~pyro_vlae.training.step.GraphSafeStep`) runs the model and guide in here: the same modules compute the
+    same values, and no ``param`` statement reaches Pyro's handlers.
+    """
+    _REGISTER[0], before = False, _REGISTER[0]
+    try:
+        yield
+    finally:
+        _REGISTER[0] = before
+
+
+def children(module: nn.Module, *names: str) -> tuple:
+    """The child modules ``names`` of ``module``, looked up as attributes (so a ``PyroModule`` registers their
+    parameters) except inside :func:`without_param_registration`."""
+    if _REGISTER[0]:
+        return tuple(getattr(module, n) for n in names)
+    return tuple(module._modules[n] for n in names)
 
 
 def check_kl_scale(kl_scale):

@@ -1,4 +1,5 @@
-"""The CUDA code paths: model and guide on the GPU, SVI steps, checkpoints across devices, resume, torchrun with NCCL.
+"""The CUDA code paths: model and guide on the GPU, SVI steps, checkpoints across devices, resume, the training step in
+a CUDA graph (replays against the eager step, resume, no host synchronisation in the hot loop), torchrun with NCCL.
 
 The tests that need a GPU are marked ``cuda`` and skip when no CUDA device is present, so the default (CPU) run
 collects and skips them.  On a GPU: ``python -m pytest -m cuda tests/test_cuda.py`` (``benchmarks/gpu_check.py`` runs
@@ -13,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -32,6 +34,7 @@ from pyro_vlae.training import checkpoint as C
 from pyro_vlae.training import distributed as D
 from pyro_vlae.training import loop as T
 from pyro_vlae.training import runs as TR
+from pyro_vlae.training import step as S
 from pyro_vlae.training.checkpoint import load_checkpoint, save_checkpoint
 
 CUDA = torch.device("cuda")
@@ -208,6 +211,93 @@ def test_resume_on_cuda_from_a_cpu_loaded_checkpoint_continues_the_straight_run(
     assert_close_losses(metrics_losses(tmp_path / "resumed"), straight)
     control = metrics_losses(tmp_path / "no_cuda_rng")
     assert abs(control[3] - straight[3]) > 1e-3 * abs(straight[3]), "the CUDA random state made no difference"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The graph-safe step in a CUDA graph.
+
+
+def _steps(cfg, graph: bool, scales, xs):
+    """One step per KL scale and batch from the same seed (validation on for the first two), eager or captured;
+    returns the losses, the state dicts and the step."""
+    pyro.set_rng_seed(3)
+    model, guide, optim, _ = TR.build(cfg, CUDA)
+    stepper = S.make_step(model, guide, optim, cfg.train.elbo, CUDA, graph=graph, warn=pytest.fail)
+    losses = []
+    for i, (k, x) in enumerate(zip(scales, xs)):
+        with pyro.validation_enabled(i < 2):
+            stepper.step(x, kl_scale=k)
+        losses.append(stepper.read().loss)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"guide.{k}": v for k, v in guide.state_dict().items()})
+    return losses, state, stepper
+
+
+@gpu
+@pytest.mark.parametrize("kind,elbo", [("vlae", "meanfield"), ("hvae", "trace")], ids=["vlae-meanfield", "hvae"])
+def test_graph_replays_match_the_eager_step(kind, elbo):
+    """Twelve steps: 2 validated, 3 warm-up, the capture, 6 replays, with a KL scale that changes every step and the
+    batch changing (copied into the static input) against the eager step on the same noise."""
+    cfg = tiny_config(kind)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, elbo=elbo))
+    scales = [0.05 * (i + 1) for i in range(12)]
+    xs = torch.rand(12, 16, *cfg.model.image_shape, device=CUDA)
+    with full_float32():
+        eager, eager_state, _ = _steps(cfg, False, scales, xs)
+        graph, graph_state, stepper = _steps(cfg, True, scales, xs)
+    assert stepper.graph is not None and stepper.failed is None
+    assert_close_losses(graph, eager, rtol=1e-5)
+    for k, v in eager_state.items():
+        torch.testing.assert_close(graph_state[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@gpu
+def test_a_resumed_graph_run_reproduces_the_straight_graph_run(bundle, tmp_path):
+    """30 straight steps (captured after step 13) against 15 steps and a resume to 30 (captured again after step 28),
+    TF32 off; the graph run's checkpoint records a non-capturable optimiser and loads on the CPU."""
+    cfg = tiny_config("vlae", num_steps=30)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph="on", tf32=False))
+    warnings = []
+    T.fit(cfg, bundle, str(tmp_path / "straight"), CUDA, progress=False, log=warnings.append)
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=15))
+    T.fit(half, bundle, str(tmp_path / "resumed"), CUDA, progress=False, log=warnings.append)
+    state = load_checkpoint(str(tmp_path / "resumed" / "checkpoints" / "latest.pt"))
+    assert not any(g["capturable"] for st in state["optim"].values() for g in st["param_groups"])
+    T.fit(cfg, bundle, str(tmp_path / "resumed"), CUDA, resume=state, progress=False, log=warnings.append)
+    assert not warnings, warnings  # no capture fell back
+    assert_close_losses(metrics_losses(tmp_path / "resumed"), metrics_losses(tmp_path / "straight"), rtol=1e-4)
+    model, _, _, _ = TR.load_run(str(tmp_path / "straight"), "cpu")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@gpu
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_the_hot_loop_never_synchronises_with_the_host(bundle, graph):
+    """Batches read on the device, the fade-in gains, the KL scale and the step, under
+    ``torch.cuda.set_sync_debug_mode("error")``: any synchronising call raises."""
+    from pyro_vlae.training.batches import Batches
+    from pyro_vlae.training.distributed import SingleProcess
+
+    cfg = tiny_config("vlae")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fade_in=4))
+    model, guide, optim, _ = TR.build(cfg, CUDA)
+    stepper = S.make_step(model, guide, optim, "trace", CUDA, graph=graph, warn=pytest.fail)
+    batches = Batches(bundle, 8, 0, SingleProcess(), CUDA, binarize=False)
+    with pyro.validation_enabled(False):
+        gains = T.set_fade_in(model, cfg, 0)
+        for step in range(6):  # the first step, the warm-up and the capture may synchronise
+            stepper.step(batches(step), kl_scale=0.1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(6, 20):  # inside and after the fade-in ramp (steps 4 to 12)
+                gains = T.set_fade_in(model, cfg, step, gains)
+                T.train_step(stepper, batches(step), 1 - 0.9 ** (step + 1))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert (stepper.graph is not None) == graph
+    stats = stepper.read()
+    assert stats.first_bad is None and math.isfinite(stats.loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

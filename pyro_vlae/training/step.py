@@ -50,6 +50,8 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import kl_divergence
 
+from ..nets import without_param_registration
+
 #: Real steps run eagerly on a side stream before the capture (PyTorch's whole-network capture recipe).
 WARMUP_STEPS = 3
 CUDA_GRAPH_MODES = ("auto", "on", "off")
@@ -199,6 +201,11 @@ class GraphSafeStep:
     """One SVI step of ``model`` and ``guide`` with no host read: the interface of :meth:`pyro.infer.SVI.step`, with
     the loss left on the device.
 
+    The first step registers the parameters with Pyro and collects those its trace reaches, as ``SVI.step`` does;
+    later steps take the same parameters (the model's structure is static, as a CUDA graph needs anyway) and run
+    the networks inside :func:`~pyro_vlae.nets.without_param_registration`, which computes the same values without
+    a ``pyro.module`` statement per child module and step.
+
     :param model: the model, called as ``model(x, kl_scale=...)``.
     :param guide: the guide, same signature.
     :param optim: the optimiser, a :class:`~pyro_vlae.training.optim.FusedAdam` (any Pyro optimiser works eagerly).
@@ -231,12 +238,13 @@ class GraphSafeStep:
 
     def _step(self, x) -> None:
         """Loss, backward and optimiser step (what ``SVI.step`` does), and the accumulators."""
-        if self.params is None:  # the first step: collect the parameters as SVI does
+        if self.params is None:  # the first step: register and collect the parameters as SVI does
             with poutine.trace(param_only=True) as capture:
                 loss, surrogate = self._loss(x)
             self.params = list({site["value"].unconstrained() for site in capture.trace.nodes.values()})
-        else:
-            loss, surrogate = self._loss(x)
+        else:  # the same parameters: Pyro need not be told of them again
+            with without_param_registration():
+                loss, surrogate = self._loss(x)
         (surrogate / 1).backward()  # Trace_ELBO divides by num_particles = 1
         self.optim(self.params)  # FusedAdam leaves every gradient None, so the next backward writes fresh ones
         self.stats.record(loss)

@@ -1,5 +1,6 @@
 """Models and guides: shapes, sites, likelihoods, KL scaling, batch independence and composability."""
 
+import contextlib
 import dataclasses
 import math
 
@@ -351,3 +352,23 @@ def test_the_fixed_likelihood_scale_is_a_buffer_outside_state_dicts(likelihood):
     assert torch.equal(model.likelihood(raw).base_dist.scale, torch.full_like(raw, 0.2))
     double = model.likelihood.double()(raw.double()).base_dist.scale
     assert double.dtype == torch.float64 and torch.equal(double, torch.full_like(raw.double(), 0.2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_param_registration_the_networks_compute_the_same_and_tell_pyro_nothing(kind):
+    from pyro_vlae.nets import without_param_registration
+
+    model, guide = pair(kind, tiny())
+    model.eval(), guide.eval()
+    x = torch.rand(3, 1, 16, 16)
+    traces = []
+    for register in (True, False):
+        pyro.set_rng_seed(2)
+        with contextlib.nullcontext() if register else without_param_registration():
+            gtr = poutine.trace(guide).get_trace(x)
+            mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(x)
+        traces.append((gtr, mtr))
+    (g1, m1), (g2, m2) = traces
+    params = lambda tr: [n for n, s in tr.nodes.items() if s["type"] == "param"]  # noqa: E731
+    assert params(g1) and params(m1) and not params(g2) and not params(m2)
+    assert torch.equal(m1.log_prob_sum() - g1.log_prob_sum(), m2.log_prob_sum() - g2.log_prob_sum())

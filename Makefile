@@ -1,8 +1,9 @@
-# Local virtual environment in .venv; `make run` trains the default job, `make test` runs the tests.
+# Local virtual environment in .venv; `make run` trains the default job, `make test` runs the tests, `make docs`
+# builds the documentation site into docs/_build/html with warnings as errors (as CI does).
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint
+.PHONY: run test lint docs
 
 $(VENV)/.installed: setup.py pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,3 +20,10 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -b html -E -W --keep-going docs docs/_build/html

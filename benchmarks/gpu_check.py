@@ -23,7 +23,7 @@ Parts, each in its own process with its own time limit, so that one hang loses o
 3. ``paper_scale``: ``benchmarks/paper_scale.py`` in the background with the rest of the budget: the shapes3d VLAE,
    HVAE and beta-VAE at equal images seen and the MNIST VLAE under ``mnist-paper``, returned in float16 as
    ``models.manifest.json`` and ``models.tar.gz.part*`` (``benchmarks/model_pack.py unpack`` restores run folders).
-4. ``cuda_tests``: ``pytest -m cuda tests/test_cuda.py``, meanwhile.
+4. ``cuda_tests``: ``pytest -m cuda`` over :data:`CUDA_TEST_FILES`, meanwhile.
 
 Each process's peak GPU memory comes from the CUDA allocator (written when it exits); ``nvidia-smi`` samples the
 whole device once a second besides.  Output folder: ``summary.md`` and ``summary.json`` (rewritten after every part,
@@ -160,10 +160,14 @@ def speed(c: Check, speed_json: Path):
     c.record("speed", status(res, res["rc"] == 0 and bool(res["rows"]), "" if res["rows"] else "no rows"), p)
 
 
+# Every file with ``cuda``-marked tests: the step and graph, the device-side batches, the device renderers.
+CUDA_TEST_FILES = ["tests/test_cuda.py", "tests/training/test_batches.py", "tests/data/test_device_render.py"]
+
+
 def cuda_tests(c: Check, gpu_ok: bool, limit_s: float):
     """Part 4, beside the paper-scale runs."""
     xml = c.work / "cuda_tests.xml"
-    argv = ["-q", "-rs", "-m", "cuda", "tests/test_cuda.py", "--junitxml", xml, *PYTEST_WARNINGS]
+    argv = ["-q", "-rs", "-m", "cuda", *CUDA_TEST_FILES, "--junitxml", xml, *PYTEST_WARNINGS]
     p = Part(c, "cuda_tests", "pytest", argv, limit_s)
     res = p.wait()
     res.update(cuda_test_results(xml) if xml.exists() else {})

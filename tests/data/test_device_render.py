@@ -10,7 +10,10 @@ from pyro_vlae.data import load_data
 from pyro_vlae.data import shapes3d as S3
 from pyro_vlae.data import sprites as SP
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def CUDA(test):
+    """Mark ``test`` as a ``cuda`` test (the GPU check runs ``-m cuda``) that skips without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def _factors(sizes, n, seed):

@@ -11,7 +11,10 @@ from pyro_vlae.data import load_data
 from pyro_vlae.training import batches as B
 from pyro_vlae.training import distributed as D
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def CUDA(test):
+    """Mark ``test`` as a ``cuda`` test (the GPU check runs ``-m cuda``) that skips without a CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def old_indices(n, batch_size, seed, step):

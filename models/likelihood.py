@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_vlae.nets import squash
+from pyro_vlae.nets import full, squash
 
 
 class Likelihood(nn.Module):
@@ -20,6 +20,7 @@ class Likelihood(nn.Module):
       vector data).
 
     The mean is ``squash(raw, value_range)``, or ``raw`` itself when ``value_range`` is ``None`` (real-valued data).
+    Raw outputs in bfloat16 (``--precision bf16``) are cast to float32 first.
     """
 
     def __init__(self, kind, image_shape, obs_scale, value_range):
@@ -37,6 +38,7 @@ class Likelihood(nn.Module):
 
     def mean(self, raw: torch.Tensor) -> torch.Tensor:
         """The image the likelihood is centred on (probabilities for Bernoulli)."""
+        raw = full(raw)
         if self.kind == "bernoulli":
             return torch.sigmoid(raw)
         if self.value_range is None:
@@ -56,6 +58,7 @@ class Likelihood(nn.Module):
         return torch.tensor(self.obs_scale, dtype=raw.dtype, device=raw.device)
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        raw = full(raw)  # the log-likelihood in float32 also when the networks ran in bfloat16
         if self.kind == "bernoulli":
             d = dist.Bernoulli(logits=raw)
         elif self.kind == "laplace":

@@ -20,7 +20,7 @@ from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
 from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights, resolve_device
-from .training.step import CUDA_GRAPH_MODES, use_cuda_graph
+from .training.step import CUDA_GRAPH_MODES, PRECISIONS, use_cuda_graph
 
 
 def _int_at_least(lowest: int, what: str):
@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "only) or off; a failed capture trains eagerly with one warning",
     )
     p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 (default) or bf16: the networks' forward pass in bfloat16, every log-probability in float32",
+    )
+    p.add_argument(
         "--tf32",
         type=_on_off,
         metavar="{on,off}",
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FLAGS = ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection")
 TRAIN_FLAGS = (
     "num_steps", "batch_size", "lr", "anneal", "elbo", "log_every", "checkpoint_every", "fade_in", "keep_every",
-    "cuda_graph", "tf32",
+    "cuda_graph", "tf32", "precision",
 )  # fmt: skip
 
 
@@ -291,7 +296,7 @@ def resume_conflicts(args, saved: RunConfig) -> list:
         value = getattr(args, flag)
         if value is not None and value != getattr(saved.model, flag):
             out.append(f"--{flag.replace('_', '-')} {value} (the run has {getattr(saved.model, flag)})")
-    for flag in ("batch_size", "lr", "anneal", "elbo", "fade_in", "cuda_graph", "tf32"):
+    for flag in ("batch_size", "lr", "anneal", "elbo", "fade_in", "cuda_graph", "tf32", "precision"):
         value, saved_value = getattr(args, flag), getattr(saved.train, flag)
         if value is not None and value != saved_value:
             shown = {True: "on", False: "off"} if flag == "tf32" else {}

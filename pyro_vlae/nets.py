@@ -227,7 +227,7 @@ class GaussianHead(nn.Module):
         self.scale = nn.Linear(in_dim, out_dim)
 
     def forward(self, h):
-        return self.loc(h), torch.sigmoid(self.scale(h)) + MIN_SCALE
+        return full(self.loc(h)), torch.sigmoid(full(self.scale(h))) + MIN_SCALE
 
 
 class AffineGaussian(nn.Module):
@@ -245,7 +245,7 @@ class AffineGaussian(nn.Module):
         self.raw_scale = nn.Parameter(torch.full((out_dim,), math.log(math.expm1(init_scale - MIN_SCALE))))
 
     def forward(self, h):
-        loc = self.loc(h)
+        loc = full(self.loc(h))
         return loc, (nn.functional.softplus(self.raw_scale) + MIN_SCALE).expand_as(loc)
 
 
@@ -293,6 +293,11 @@ def set_batch_norm(module: nn.Module, eps: float, momentum: float) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps, m.momentum = eps, momentum
     return module
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when a bfloat16 / float16 autocast made it so (distribution parameters), else ``t`` itself."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def squash(raw: torch.Tensor, value_range) -> torch.Tensor:

@@ -33,6 +33,8 @@ class TrainConfig:
     :param cuda_graph: ``"auto"`` (capture the training step in a CUDA graph on CUDA), ``"on"`` (CUDA only) or
         ``"off"``, see :mod:`pyro_vlae.training.step`.  Changes the speed, not the step.
     :param tf32: on CUDA, matrix products and convolutions in TF32 (``True``) or full float32.
+    :param precision: ``"fp32"``, or ``"bf16"``: the networks' forward pass in bfloat16 (autocast), weights, optimiser
+        and every log-probability in float32.
     """
 
     num_steps: int = 5000
@@ -46,6 +48,7 @@ class TrainConfig:
     fade_in: int = 0
     cuda_graph: str = "auto"
     tf32: bool = True
+    precision: str = "fp32"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -119,16 +119,17 @@ def test_weights_saved_without_ladder_gains_still_fit():
     check_weights_fit(saved, {"model": weights, "guide": guide.state_dict(), "step": 3})
 
 
-def test_cuda_graph_and_tf32_flags_reach_the_config_and_config_json(tmp_path):
+def test_cuda_graph_tf32_and_precision_flags_reach_the_config_and_config_json(tmp_path):
     cfg = config_from_args(parse("--cuda-graph", "off", "--tf32", "off"), (1, 16, 16), cuda=False)
     assert cfg.train.cuda_graph == "off" and cfg.train.tf32 is False
     default = config_from_args(parse(), (1, 16, 16), cuda=False)
-    assert default.train.cuda_graph == "auto" and default.train.tf32 is True
+    assert default.train.cuda_graph == "auto" and default.train.tf32 is True and default.train.precision == "fp32"
     run = tmp_path / "run"
     argv = ["--dataset", "synthetic", "--num-steps", "2", "--tf32", "off", "--cuda-graph", "off", "--run-dir", run]
+    argv += ["--precision", "bf16"]  # trains end to end with the networks in bfloat16
     assert R.main([*map(str, argv), "--no-progress", "--no-figures", "--no-eval"]) == 0
     saved = json.loads((run / "config.json").read_text())["train"]
-    assert saved["tf32"] is False and saved["cuda_graph"] == "off"
+    assert saved["tf32"] is False and saved["cuda_graph"] == "off" and saved["precision"] == "bf16"
 
 
 def test_cuda_graph_on_without_cuda_is_one_error_line(capsys, tmp_path):

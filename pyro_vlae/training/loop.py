@@ -230,13 +230,17 @@ def start_run(config: RunConfig, device, resume, par, validate_all: bool, log=pr
     model, guide, optim, svi = build(config, device)
     start = restore(resume, model, guide, optim, config) if resume is not None else 0
     model.train(), guide.train()
+    tc = config.train
     if isinstance(par, distributed.DataParallel):
+        if tc.precision != "fp32":
+            raise ValueError(f"--precision {tc.precision} is not supported under torchrun: use --precision fp32")
         return model, guide, optim, par.wrap(svi, model, guide, bool(config.extra.get("sync_batch_norm"))), start
     graph = use_cuda_graph(config.train.cuda_graph, device)
     if graph and validate_all:
         log("note: --validate-all-steps reads tensors on the host at every step: the step is not captured in a graph")
     warn = lambda msg: log(f"warning: {msg}")  # noqa: E731
-    stepper = make_step(model, guide, optim, config.train.elbo, device, graph=graph and not validate_all, warn=warn)
+    graph = graph and not validate_all
+    stepper = make_step(model, guide, optim, config.train.elbo, device, graph=graph, precision=tc.precision, warn=warn)
     stepper.stats.start(start)
     return model, guide, optim, stepper, start
 

@@ -33,7 +33,8 @@ The hot path reads nothing only with Pyro's validation off (``pyro.enable_valida
 tensors), as :func:`~pyro_vlae.training.loop.fit` runs after its first validated steps.  A :class:`GraphStep` runs its
 first call and every call made with validation on eagerly, the next :data:`WARMUP_STEPS` on a side stream, captures
 the one after and replays from then on.  :func:`use_cuda_graph` resolves ``--cuda-graph auto|on|off`` for a device
-and :func:`tf32` sets TF32 on CUDA.
+and :func:`tf32` sets TF32 on CUDA; ``make_step(..., precision="bf16")`` runs the networks under a bfloat16 autocast
+with every log-probability in float32.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..nets import without_param_registration
 #: Real steps run eagerly on a side stream before the capture (PyTorch's whole-network capture recipe).
 WARMUP_STEPS = 3
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+PRECISIONS = ("fp32", "bf16")
 
 
 def use_cuda_graph(mode: str, device) -> bool:
@@ -211,11 +213,17 @@ class GraphSafeStep:
     :param optim: the optimiser, a :class:`~pyro_vlae.training.optim.FusedAdam` (any Pyro optimiser works eagerly).
     :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``).
     :param device: where the per-step scalars and the accumulators live.
+    :param precision: ``"fp32"``, or ``"bf16"``: the networks' forward pass under a bfloat16 autocast (weights, Adam
+        and every log-probability stay float32: the models cast distribution parameters back,
+        :func:`pyro_vlae.nets.full`).
     """
 
-    def __init__(self, model, guide, optim, elbo: str, device):
+    def __init__(self, model, guide, optim, elbo: str, device, precision: str = "fp32"):
         if elbo not in ELBO_LOSSES:
             raise ValueError(f"--elbo must be one of {sorted(ELBO_LOSSES)}, got {elbo!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.model, self.guide, self.optim, self.elbo = model, guide, optim, elbo
         self._loss_fn = ELBO_LOSSES[elbo]
         self.device = torch.device(device)
@@ -231,10 +239,17 @@ class GraphSafeStep:
             self._kl_host = kl_scale
 
     def _loss(self, x) -> tuple:
-        model_trace, guide_trace = get_importance_trace(
-            "flat", math.inf, self.model, self.guide, (x,), {"kl_scale": self.kl_scale}
-        )
-        return self._loss_fn(model_trace, guide_trace)
+        with self._autocast():
+            model_trace, guide_trace = get_importance_trace(
+                "flat", math.inf, self.model, self.guide, (x,), {"kl_scale": self.kl_scale}
+            )
+            return self._loss_fn(model_trace, guide_trace)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        # No cast cache: a CUDA graph must not capture casts cached from an eager step.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def _step(self, x) -> None:
         """Loss, backward and optimiser step (what ``SVI.step`` does), and the accumulators."""
@@ -270,8 +285,8 @@ class GraphStep(GraphSafeStep):
     :param warn: called once with the reason when the capture fails (default: :func:`warnings.warn`).
     """
 
-    def __init__(self, model, guide, optim, elbo: str, device, warn=None):
-        super().__init__(model, guide, optim, elbo, device)
+    def __init__(self, model, guide, optim, elbo: str, device, precision: str = "fp32", warn=None):
+        super().__init__(model, guide, optim, elbo, device, precision)
         self.graph = None
         self.failed: str | None = None
         self._static_x: torch.Tensor | None = None
@@ -343,8 +358,10 @@ def capture_graph(fn, x, optim):
     return graph
 
 
-def make_step(model, guide, optim, elbo: str, device, *, graph: bool = False, warn=None) -> GraphSafeStep:
+def make_step(
+    model, guide, optim, elbo: str, device, *, graph: bool = False, precision: str = "fp32", warn=None
+) -> GraphSafeStep:
     """The training step: :class:`GraphStep` when ``graph``, else the eager :class:`GraphSafeStep`."""
     if graph:
-        return GraphStep(model, guide, optim, elbo, device, warn=warn)
-    return GraphSafeStep(model, guide, optim, elbo, device)
+        return GraphStep(model, guide, optim, elbo, device, precision, warn=warn)
+    return GraphSafeStep(model, guide, optim, elbo, device, precision)

@@ -231,3 +231,37 @@ def test_tf32_is_set_on_cuda_only_and_restored():
         with S.tf32("cuda", on):
             assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("kind", ["vlae", "hvae"])
+def test_bf16_runs_the_networks_in_bfloat16_and_every_log_prob_in_float32(kind):
+    cfg, x = config(kind, "laplace"), batch("laplace")
+    model, guide, optim, _ = TR.build(cfg, "cpu")
+    outputs = []
+    for m in (model, guide):
+        for layer in m.modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                layer.register_forward_hook(lambda mod, args, out: outputs.append(out.dtype))
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        outputs.clear()
+        stepper, traces = S.make_step(model, guide, optim, "trace", "cpu", precision=precision), []
+        loss_fn = stepper._loss_fn
+        stepper._loss_fn = lambda mt, gt, t=traces, f=loss_fn: t.extend([mt, gt]) or f(mt, gt)
+        pyro.set_rng_seed(4)
+        with pyro.validation_enabled(False):
+            loss, _ = stepper._loss(x)
+        losses[precision] = float(loss)
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert outputs and set(outputs) == {expected}
+        sites = [s for tr in traces for s in tr.nodes.values() if s["type"] == "sample"]
+        assert len(sites) == 2 * cfg.model.num_layers + 1
+        assert all(s["log_prob"].dtype == s["value"].dtype == torch.float32 for s in sites)
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    with pyro.validation_enabled(False):
+        for _ in range(3):
+            stepper.step(x, kl_scale=0.5)
+    assert math.isfinite(stepper.read().loss)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16"):
+        S.make_step(model, guide, optim, "trace", "cpu", precision="fp16")

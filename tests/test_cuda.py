@@ -252,6 +252,21 @@ def test_graph_replays_match_the_eager_step(kind, elbo):
 
 
 @gpu
+def test_a_bf16_step_is_captured_and_replays_its_eager_steps():
+    cfg = tiny_config("vlae")
+    scales, xs = [0.5] * 10, torch.rand(10, 16, *cfg.model.image_shape, device=CUDA)
+    results = []
+    for graph in (False, True):
+        pyro.set_rng_seed(3)
+        model, guide, optim, _ = TR.build(cfg, CUDA)
+        stepper = S.make_step(model, guide, optim, "trace", CUDA, graph=graph, precision="bf16", warn=pytest.fail)
+        with pyro.validation_enabled(False):
+            results.append([(stepper.step(x, kl_scale=k), stepper.read().loss)[1] for k, x in zip(scales, xs)])
+    assert stepper.graph is not None and all(math.isfinite(v) for v in results[1])
+    assert_close_losses(results[1], results[0], rtol=1e-3)
+
+
+@gpu
 def test_a_resumed_graph_run_reproduces_the_straight_graph_run(bundle, tmp_path):
     """30 straight steps (captured after step 13) against 15 steps and a resume to 30 (captured again after step 28),
     TF32 off; the graph run's checkpoint records a non-capturable optimiser and loads on the CPU."""

@@ -234,6 +234,8 @@ def start_run(config: RunConfig, device, resume, par, validate_all: bool, log=pr
     if isinstance(par, distributed.DataParallel):
         if tc.precision != "fp32":
             raise ValueError(f"--precision {tc.precision} is not supported under torchrun: use --precision fp32")
+        if tc.cuda_graph == "on" and par.is_lead:
+            log("note: --cuda-graph on: the data-parallel step under torchrun is not captured in a graph")
         return model, guide, optim, par.wrap(svi, model, guide, bool(config.extra.get("sync_batch_norm"))), start
     graph = use_cuda_graph(config.train.cuda_graph, device)
     if graph and validate_all:

@@ -321,6 +321,8 @@ class GraphStep(GraphSafeStep):
             self.failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             self._warn(f"CUDA graph capture of the training step failed ({self.failed}); training eagerly")
             _set_capturable(self.optim, False)
+            for p in self.params:  # gradients the failed capture may have left point into its memory pool
+                p.grad = None
             self._step(self._static_x)  # this step was not taken
             return
         self.graph.replay()  # the capture recorded the step without running it

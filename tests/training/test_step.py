@@ -202,6 +202,8 @@ def test_a_failed_capture_trains_eagerly_with_one_warning_and_the_same_parameter
 
     def failing_capture(fn, x, optim):
         calls.append(1)
+        for p in optim.optimizer.param_groups[0]["params"]:  # as a capture that failed after its backward
+            p.grad = torch.full_like(p, float("nan"))
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(S, "capture_graph", failing_capture)

@@ -6,8 +6,10 @@
   class-change rate;
 * :mod:`~pyro_vlae.evaluation.disentangle` (with :mod:`~pyro_vlae.evaluation.estimators` and
   :mod:`~pyro_vlae.evaluation.predictors`): MIG, SAP and DCI against ground-truth factors, as disentanglement_lib
-  defines them;
-* :mod:`~pyro_vlae.evaluation.diagnostics`: per-layer interventions and Gibbs chains, summarised with ArviZ;
+  defines them; :mod:`~pyro_vlae.evaluation.assignment`: the per-layer shares and factor -> layer assignments over
+  active dims;
+* :mod:`~pyro_vlae.evaluation.diagnostics`: per-layer interventions and Gibbs chains, summarised with ArviZ, with the
+  collapse check of :mod:`~pyro_vlae.evaluation.collapse`;
 * :mod:`~pyro_vlae.evaluation.report`: ``report.md`` from ``eval.json``;
 * :mod:`~pyro_vlae.evaluation.pipeline`: :func:`evaluate_run`, all of the above on a run folder (the body of
   ``python -m pyro_vlae.evaluate``).

@@ -29,6 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, Normal, kl_divergence
 
 from ..experiments.interventions import eval_mode
+from .assignment import ACTIVE_VARIANCE
 
 __all__ = [
     "ImportanceEstimate",
@@ -197,7 +198,7 @@ def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, sites=None) ->
     return out
 
 
-def active_units(means: torch.Tensor, threshold: float = 0.01) -> dict:
+def active_units(means: torch.Tensor, threshold: float = ACTIVE_VARIANCE) -> dict:
     r"""Burda et al. (2016) active units: dimension ``u`` is active when
     :math:`A_u = \mathrm{Cov}_x\big(E_{q(z|x)}[z_u]\big) > 0.01`.
 

@@ -18,10 +18,13 @@ from pyro_vlae.training import RunConfig, fit
 from pyro_vlae.training.checkpoint import atomic_write_json
 from pyro_vlae.training.runs import write_config
 
+#: A bound for a hung subprocess, not a speed test: a busy 2-core machine runs these several times slower.
+HANG_S = 1800
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def cli(*args, timeout=300):
+def cli(*args, timeout=HANG_S):
     return subprocess.run(
         [sys.executable, "-m", "pyro_vlae.evaluate", *args], capture_output=True, text=True, env=ENV, timeout=timeout
     )

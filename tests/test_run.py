@@ -15,12 +15,15 @@ from pyro_vlae.data import mnist as DM
 from pyro_vlae.training.checkpoint import load_checkpoint
 from pyro_vlae.training.runs import load_run
 
+#: A bound for a hung subprocess, not a speed test: a busy 2-core machine runs these several times slower.
+HANG_S = 1800
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 QUIET_FLAGS = ("--no-progress", "--no-figures", "--no-eval")
 
 
-def cli(*args, cwd=None, timeout=300):
+def cli(*args, cwd=None, timeout=HANG_S):
     return subprocess.run(
         [sys.executable, "-m", "pyro_vlae.run", *args],
         capture_output=True,

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,9 @@ from pyro_vlae.training import distributed as D
 from pyro_vlae.training import loop as T
 from pyro_vlae.training import runs as TR
 from pyro_vlae.training.checkpoint import load_checkpoint
+
+#: A bound for a hung subprocess, not a speed test: a busy 2-core machine runs these several times slower.
+HANG_S = 1800
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 if os.path.exists("/sys/class/net/lo"):
@@ -65,16 +67,11 @@ sys.exit(code)
 QUIET_FLAGS = ("--no-progress", "--no-figures", "--no-eval")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(*args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    cmd += ["--master-port", str(free_port()), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
+    """``torchrun --standalone``: its rendezvous store binds a free port itself (port 0), so no port is chosen here
+    and then taken by another process before torchrun binds it."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=ENV, timeout=HANG_S)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

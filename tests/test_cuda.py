@@ -286,6 +286,39 @@ def test_a_resumed_graph_run_reproduces_the_straight_graph_run(bundle, tmp_path)
 
 
 @gpu
+def test_a_real_capture_failure_falls_back_to_eager_steps_that_train():
+    """A host read inside the captured region (what a synchronising op does) makes the real capture fail, not a test
+    seam: the step warns once and goes on eagerly, drawing fresh noise and moving the parameters (a CUDA generator
+    left in capture mode, as some torch versions leave it, would raise on the first eager draw instead)."""
+    cfg = tiny_config("vlae")
+    pyro.set_rng_seed(3)
+    model, guide, optim, _ = TR.build(cfg, CUDA)
+    warned = []
+    stepper = S.make_step(model, guide, optim, "trace", CUDA, graph=True, warn=warned.append)
+    inner = stepper._step
+
+    def syncing_step(x):
+        if torch.cuda.is_current_stream_capturing():
+            float(x.sum())  # a device-to-host read: illegal while capturing
+        inner(x)
+
+    stepper._step = syncing_step
+    xs = torch.rand(S.WARMUP_STEPS + 6, 16, *cfg.model.image_shape, device=CUDA)
+    losses = []
+    with pyro.validation_enabled(False):
+        for x in xs:
+            stepper.step(x, kl_scale=0.5)
+            losses.append(stepper.read().loss)
+    assert stepper.graph is None and stepper.failed and len(warned) == 1, warned
+    before = [p.detach().clone() for p in stepper.params]
+    with pyro.validation_enabled(False):
+        for x in xs[:3]:
+            stepper.step(x, kl_scale=0.5)
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, stepper.params)), "eager steps did not train"
+
+
+@gpu
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_the_hot_loop_never_synchronises_with_the_host(bundle, graph):
     """Batches read on the device, the fade-in gains, the KL scale and the step, under

@@ -234,14 +234,18 @@ def test_a_sigterm_to_the_driver_stops_every_run_and_still_packs_what_they_saved
     import time
 
     work = tmp_path / "work"
-    cmd = [sys.executable, os.path.join(BENCH, "paper_scale.py"), "--dry-run", "--out", str(tmp_path / "out")]
+    # a budget far beyond the wait below, so that the runs are stopped by the driver's SIGTERM and never by its deadline
+    cmd = [sys.executable, os.path.join(BENCH, "paper_scale.py"), "--dry-run", "--budget-s", "900"]
+    cmd += ["--out", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd + ["--work-dir", str(work)], env=env, stdout=subprocess.PIPE, text=True)
     names = ["shapes3d_vlae", "shapes3d_hvae", "shapes3d_vae-beta4", "mnist-paper_vlae"]
     t0 = time.time()
-    while not all((work / n / "metrics.jsonl").exists() for n in names) and time.time() - t0 < 300:
+    while not all((work / n / "metrics.jsonl").exists() for n in names) and time.time() - t0 < 600:
         time.sleep(1)
+    logged = [n for n in names if (work / n / "metrics.jsonl").exists()]
     proc.send_signal(signal.SIGTERM)
+    assert logged == names, f"only {logged} logged within 600 s"
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     summary = json.loads((work / "paper_scale.json").read_text())

@@ -265,6 +265,10 @@ def main(argv=None):
         if folders:
             print(f"\n### {dataset}\n")
             print(TABLES[dataset](folders))
+            if dataset in ("sprites", "shapes3d"):  # the tables' "layer of" rows
+                from pyro_vlae.evaluation.assignment import RULE
+
+                print(f"\n{RULE}")
             if dataset == "shapes3d":
                 for key in ("mi_mass", "importance_share", "best_unit_nmi"):
                     print(share_tables(folders, key))

@@ -5,7 +5,7 @@ A layer's own DCI disentanglement and completeness are not computed: with one or
 before any data is seen (scikit-learn's importances sum to 1 for every factor, so a single dim gets all of every
 factor's importance: ``D = 0``, ``C = 1``). What varies with the data, and is computed here, is each layer's share of
 the importance that the DCI fit on all codes gives each factor, counted only for factors that fit predicts above
-chance, and only over active dims.
+chance, and only over active dims. A factor gets a layer only when that layer clearly leads (:data:`RULE`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ ACTIVE_VARIANCE = 0.01
 #: A factor counts as predicted when its test accuracy exceeds the majority-class rate by this many binomial
 #: standard errors, ``sqrt(c (1 - c) / n_test)``.
 CHANCE_Z = 3.0
+#: A layer is named for a factor only when it clearly leads: its entry is at least ``LEAD_RATIO`` times every other
+#: layer's and, for the shares (parts of the factor's whole), at least ``MAJORITY``. On the shapes3d runs of
+#: benchmarks/RESULTS.md the factors at chance, whose shares and best dims are estimator noise, lead by 1.3x at most.
+LEAD_RATIO = 2.0
+MAJORITY = 0.5
+#: The assignment of a factor predicted above chance that no layer clearly leads (it is spread over layers).
+SPREAD = "spread"
+#: The rule in words, for tables of assignments.
+RULE = (
+    f"A factor gets a layer only when that layer's share is at least {MAJORITY:g} and {LEAD_RATIO:g}x every other "
+    f"layer's (by top dim: when its best dim has {LEAD_RATIO:g}x the information of every other layer's best dim); "
+    f"`{SPREAD}` where no layer leads so, `-` where the codes do not predict the factor above chance."
+)
 #: The keys of a layer's ``dci`` block: what the classifiers fitted on the layer's active dims predict.
 LAYER_DCI_KEYS = (
     "informativeness",
@@ -89,27 +102,47 @@ def layer_dci(full: dict | None, shares: np.ndarray, n_factors: int) -> dict:
     return block
 
 
+def leading_layer(col: np.ndarray, majority: float | None) -> int | None:
+    """The index of the entry of ``col`` (one factor's column, one entry per layer) that clearly leads: at least
+    :data:`LEAD_RATIO` times the runner-up and, unless ``majority`` is ``None``, at least ``majority``; else
+    ``None``."""
+    order = np.argsort(col)[::-1]
+    top = float(col[order[0]])
+    second = float(col[order[1]]) if len(col) > 1 else 0.0
+    if top > 0 and top >= LEAD_RATIO * second and (majority is None or top >= majority):
+        return int(order[0])
+    return None
+
+
 def assignment(layers, names, mi: np.ndarray, h: np.ndarray, shares: np.ndarray, active, predicted) -> dict:
     """The factor-by-layer matrices and the three assignments, over active dims only.
 
     ``mi_mass[l, k] = sum_{j in l} I(c_j; v_k) / sum_j I(c_j; v_k)`` and ``best_unit_nmi[l, k] = max_{j in l}
-    I(c_j; v_k) / H(v_k)`` with inactive dims counted as 0; ``importance_share`` from :func:`importance_shares`. Each
-    factor goes to the layer with the largest entry, and to no layer (``None``) when the fit on all codes does not
-    predict it above chance or no active dim carries it.
+    I(c_j; v_k) / H(v_k)`` with inactive dims counted as 0; ``importance_share`` from :func:`importance_shares`. A
+    factor goes to the layer whose entry clearly leads (:func:`leading_layer`: the shares need a :data:`MAJORITY`,
+    all three a :data:`LEAD_RATIO` over the runner-up), to :data:`SPREAD` when none does, and to no layer (``None``)
+    when the fit on all codes does not predict it above chance or no active dim carries it.
+
+    :raises ValueError: when a layer is named :data:`SPREAD`.
     """
+    layer_names = [name for name, _ in layers]
+    if SPREAD in layer_names:
+        raise ValueError(f"a layer may not be named {SPREAD!r}: it is the assignment of a spread factor")
     mi = np.where(active[:, None], mi, 0.0)
     total = mi.sum(axis=0)
     mi_mass = np.array([mi[dims].sum(axis=0) for _, dims in layers]) / np.where(total > 0, total, 1.0)
     nmi = normalized_mi(mi, h)
     best = np.array([nmi[dims].max(axis=0) for _, dims in layers])
-    layer_names = [name for name, _ in layers]
 
-    def assign(mass):
+    def assign(mass, majority):
         out = {}
         for k, name in enumerate(names):
             col = mass[:, k]
-            ok = bool(predicted[k]) and np.all(np.isfinite(col)) and col.sum() > 0
-            out[name] = layer_names[int(col.argmax())] if ok else None
+            if not (bool(predicted[k]) and np.all(np.isfinite(col)) and col.sum() > 0):
+                out[name] = None
+                continue
+            lead = leading_layer(col, majority)
+            out[name] = SPREAD if lead is None else layer_names[lead]
         return out
 
     return {
@@ -120,7 +153,7 @@ def assignment(layers, names, mi: np.ndarray, h: np.ndarray, shares: np.ndarray,
         "mi_mass": mi_mass.tolist(),
         "importance_share": [none_if_nan(row) for row in shares],
         "best_unit_nmi": best.tolist(),
-        "assigned_layer": assign(mi_mass),
-        "assigned_layer_by_importance": assign(shares),
-        "assigned_layer_by_top_dim": assign(best),
+        "assigned_layer": assign(mi_mass, MAJORITY),
+        "assigned_layer_by_importance": assign(shares, MAJORITY),
+        "assigned_layer_by_top_dim": assign(best, None),
     }

@@ -146,10 +146,11 @@ factor at chance is noise, so its shares are ``None``. ``overall`` keeps every d
 ``active["mig"]`` is the MIG of the active dims beside it. The assignment has three ``(L, K)`` matrices over active
 dims: ``mi_mass[l, k] = sum_{j in l} I(c_j; v_k) / sum_j I(c_j; v_k)`` (each column sums to 1 over layers when the
 groups cover all dims), ``importance_share`` as above, and ``best_unit_nmi[l, k] = max_{j in l} n_jk``, how well the
-best single dim of the layer captures the factor. Each predicted factor is assigned to the layer with the largest
-entry: ``assigned_layer`` by ``mi_mass``, ``assigned_layer_by_importance`` by ``importance_share`` and
-``assigned_layer_by_top_dim`` by ``best_unit_nmi`` (the layer of the dim with the largest MI, the dim MIG credits); a
-factor at chance, or carried by no active dim, is assigned to no layer (``None``).
+best single dim of the layer captures the factor. Each predicted factor is assigned to the layer whose entry clearly
+leads: ``assigned_layer`` by ``mi_mass``, ``assigned_layer_by_importance`` by ``importance_share`` (each a share of
+at least 0.5 and twice the runner-up's) and ``assigned_layer_by_top_dim`` by ``best_unit_nmi`` (twice the runner-up's:
+the layer of the dim with the largest MI, the dim MIG credits); to ``"spread"`` when no layer clearly leads (a plain
+argmax of flat shares names a layer by noise); a factor at chance, or carried by no active dim, to no layer (``None``).
 """
 
 __doc__ = (__doc__ or "") + ESTIMATOR_NOTES
@@ -327,7 +328,7 @@ def evaluate_all(
         ``importance_share`` per factor, and no D or C; empty without groups) and ``assignment`` (``None`` without
         groups, else ``{"layers", "factors", "active_dims", "predicted", "mi_mass": [L][K], "importance_share":
         [L][K], "best_unit_nmi": [L][K], "assigned_layer", "assigned_layer_by_importance",
-        "assigned_layer_by_top_dim"}``, each assignment ``{factor: layer or None}``).
+        "assigned_layer_by_top_dim"}``, each assignment ``{factor: layer, "spread" or None}``).
     :raises ValueError: on malformed input, groups, factor names or estimator.
     """
     x, y, cards, n_total = prepare(codes, factors, max_samples, seed, MIN_SAMPLES)

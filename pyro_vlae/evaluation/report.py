@@ -13,6 +13,7 @@ import os
 import re
 
 from ..training.checkpoint import atomic_write_text
+from .assignment import RULE
 
 MODEL_NAMES = {"vlae": "VLAE", "hvae": "Markov HVAE", "hvae-ar": "autoregressive HVAE", "vae": "VAE"}
 _LIKELIHOOD_NAMES = {
@@ -335,11 +336,10 @@ def _disentanglement_section(dis) -> list:
     if a:
         t = settings.get("active_variance")
         active = "active dims only" + (f" (posterior-mean variance > {fmt(t)})" if t else "")
-        lines += [f"Share of each factor's mutual information carried by each layer, over {active}.", ""]
+        lines += [f"Share of each factor's mutual information carried by each layer, over {active}. {RULE}", ""]
         lines += _share_table(a, "mi_mass", "assigned_layer")
         if "importance_share" in a:
-            lines += ["Share of each factor's DCI importance (fit on the active codes) carried by each layer; `-` "
-                      "where the codes do not predict the factor above chance.", ""]  # fmt: skip
+            lines += ["Share of each factor's DCI importance (fit on the active codes) carried by each layer.", ""]
             lines += _share_table(a, "importance_share", "assigned_layer_by_importance")
     lda = settings.get("dci_estimator") == "lda"
     dci = "DCI from the LDA variant, not comparable with published DCI" if lda else "DCI from gradient-boosted trees"

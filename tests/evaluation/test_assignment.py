@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from pyro_vlae.evaluation.assignment import CHANCE_Z, predicted_factors
+from pyro_vlae.evaluation.assignment import CHANCE_Z, SPREAD, assignment, predicted_factors
 from pyro_vlae.evaluation.disentangle import evaluate_all
 
 N = 400
@@ -88,6 +88,39 @@ def test_a_collapsed_layer_gets_no_share_and_no_factor(data):
     assert old["assignment"]["mi_mass"][1][1] > 0.5
     for rule in RULES:
         assert old["assignment"][rule]["chance"] == "z2", rule
+
+
+def test_a_layer_is_named_only_when_it_clearly_leads():
+    """Flat shares, like the Markov HVAE's 0.21-0.30 on shapes3d, name no layer: a plain argmax would name one by
+    noise. A layer is named when it leads clearly: a share of at least half and twice the runner-up's; by top dim, a
+    best dim with twice the information of any other layer's (the best dims are not parts of a whole)."""
+    layers = [(f"z{i + 1}", np.array([i])) for i in range(4)]  # one dim per layer: shares and best dims coincide
+    names = ["flat", "leads", "plurality", "two_way"]
+    share = np.array(
+        [[0.21, 0.05, 0.44, 0.55], [0.30, 0.70, 0.20, 0.45], [0.24, 0.15, 0.20, 0.0], [0.25, 0.10, 0.16, 0.0]]
+    )
+    a = assignment(layers, names, share, np.ones(4), share, np.ones(4, dtype=bool), [True] * 4)
+    spread = {"flat": SPREAD, "leads": "z2", "plurality": SPREAD, "two_way": SPREAD}
+    assert a["assigned_layer"] == a["assigned_layer_by_importance"] == spread
+    assert a["assigned_layer_by_top_dim"] == {**spread, "plurality": "z1"}  # 0.44 is 2.2 times 0.20
+    with pytest.raises(ValueError, match="spread"):
+        assignment([("spread", np.array([0]))], ["f"], share[:1], np.ones(4), share[:1], np.ones(1, bool), [True] * 4)
+
+
+def test_a_factor_split_over_two_layers_is_spread():
+    """A factor of four values whose high bit sits in one layer and low bit in another: each layer holds half of it
+    by every measure, so no rule names a layer; a factor one dim encodes alone still gets that dim's layer."""
+    rng = np.random.default_rng(1)
+    factors = rng.integers(0, 4, size=(N, 2))
+    bits = np.stack([factors[:, 0] // 2, factors[:, 0] % 2, factors[:, 1]], axis=1)
+    codes = bits + rng.normal(0.0, 0.02, size=bits.shape)
+    res = evaluate_all(codes, factors, groups=[("a", [0]), ("b", [1]), ("c", [2])], factor_names=["split", "one"])
+    json.dumps(res, allow_nan=False)
+    a = res["assignment"]
+    for key in ("mi_mass", "importance_share", "best_unit_nmi"):
+        assert 0.35 < a[key][0][0] < 0.65 and 0.35 < a[key][1][0] < 0.65, key
+    for rule in RULES:
+        assert a[rule] == {"split": SPREAD, "one": "c"}, rule
 
 
 def test_predicted_factors_margin():

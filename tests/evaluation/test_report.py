@@ -118,6 +118,20 @@ def test_disentanglement_assignment_table():
     assert f"| z1 | {R.fmt(z1['mig'])} | {R.fmt(z1['mig_sup'])} | - | - | {R.fmt(z1['dci_informativeness'])} |" in text
 
 
+def test_a_spread_factor_prints_as_spread():
+    """A factor whose high bit is in z1 and low bit in z2 has no clear layer: the row says `spread`, the rule above the
+    table says when a layer is named, and a factor at chance keeps `-`."""
+    rng = np.random.default_rng(0)
+    factors = rng.integers(0, 4, size=(300, 3))
+    bits = np.stack([factors[:, 0] // 2, factors[:, 1], factors[:, 0] % 2, rng.standard_normal(300)], axis=1)
+    codes = bits + 0.02 * rng.standard_normal(bits.shape)
+    groups = [("z1", slice(0, 2)), ("z2", slice(2, 4))]
+    dis = evaluate_all(codes, factors, groups=groups, factor_names=["split", "shape", "x"])
+    text = R.render_report(_evaluation(disentanglement=dis), _config(dataset="sprites"), [])
+    assert text.count("| assigned layer | spread | z1 | - |") == 2
+    assert R.RULE in text and "`spread` where no layer leads" in text
+
+
 def test_figures_are_linked_with_captions_in_reading_order(tmp_path):
     folder = tmp_path / "figures"
     folder.mkdir()

@@ -101,6 +101,8 @@ def shared(tmp_path, monkeypatch):
 
 def test_shared_execution_is_rendered_for_the_same_tree_only(shared, tmp_path, monkeypatch):
     jupyter_cache = pytest.importorskip("jupyter_cache")
+    digest = notebook_cache.source_digest()  # "this tree", read once: an edit to the working copy by another process
+    monkeypatch.setattr(notebook_cache, "source_digest", lambda: digest)  # between save and load must not change it
     notebook_cache.save_executed(shared, skip=1)
     cache = str(tmp_path / "cache")
     assert notebook_cache.load_into_cache(cache)

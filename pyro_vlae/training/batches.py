@@ -1,8 +1,7 @@
 """Which images each step reads, and reading them where the step runs: :class:`BatchOrder` (a seeded permutation per
 epoch, addressable by global step, so a resumed run reads what a straight run would) and :class:`Batches`, what
 :func:`~pyro_vlae.training.loop.fit` reads (in-memory data as one tensor on the training device, procedural data
-rendered there); :func:`fetch_batch` and :func:`next_batch` are the host-side reading they replace, kept for callers
-and tests."""
+rendered there); :func:`fetch_batch` is the host-side reading it falls back on."""
 
 from __future__ import annotations
 
@@ -61,14 +60,6 @@ def fetch_batch(dataset, idx: torch.Tensor, tensors=None) -> torch.Tensor:
     if hasattr(dataset, "images"):
         return dataset.images(idx.numpy())
     return torch.stack([dataset[int(i)][0] for i in idx])
-
-
-def next_batch(bundle, order: BatchOrder, par, tensors, step: int, device, binarize: bool) -> torch.Tensor:
-    """The images of ``step`` (this rank's shard of the global batch), read on the host and copied to ``device``;
-    dynamically binarized (one Bernoulli draw per pixel, the same on every rank count) when the likelihood is
-    Bernoulli."""
-    x = fetch_batch(bundle.train, par.shard(order.indices(step)), tensors).to(device, non_blocking=True)
-    return par.bernoulli(x) if binarize else x
 
 
 def full_device(device) -> torch.device:

@@ -23,7 +23,7 @@ from pyro.infer.util import is_validation_enabled
 
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
-from .batches import Batches, BatchOrder, fetch_batch, next_batch  # noqa: F401  (re-exported)
+from .batches import Batches, BatchOrder, fetch_batch  # noqa: F401  (re-exported)
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
 from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint

@@ -114,7 +114,7 @@ def trace_elbo_loss(model_trace, guide_trace) -> tuple:
             if not is_identically_zero(entropy_term):
                 surrogate = surrogate - entropy_term.sum()
             if not is_identically_zero(score_function_term):
-                raise NotImplementedError(
+                raise ValueError(
                     f"guide site {name!r} is not reparameterised; the graph-safe step supports reparameterised guides "
                     "only (train it with pyro.infer.SVI)"
                 )

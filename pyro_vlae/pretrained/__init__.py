@@ -2,10 +2,14 @@
 
 Everything lives in this one folder (installed as package data), two files per entry:
 
-* ``<name>.pt``: weights only (``torch.load(..., weights_only=True)``), stored in half precision;
+* ``<name>.pt``: the weights (``torch.load(..., weights_only=True)``), mostly in half precision, and the
+  architecture they need (``spec``: the model's run configuration, or the classifier's sizes);
 * ``<name>.json``: provenance: the training command, the commits that trained and exported it, the run's evaluation
-  numbers, the SHA-256 of the ``.pt`` file (checked on the very bytes that are loaded) and the measured effect of
-  half precision.
+  numbers, the SHA-256 of the ``.pt`` file (checked on the very bytes that are loaded), the measured effect of half
+  precision, and a copy of the architecture for reading.
+
+The networks are built from the ``spec`` inside the hashed ``.pt``, and a ``.json`` whose copy differs from it (an
+edited ``obs_scale`` or ``value_range``, say) is refused, so the hash covers what is loaded, architecture included.
 
 Entries:
 
@@ -33,8 +37,10 @@ from ..models import get_model
 from ..nets import ModelConfig
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
-#: Bumped when the layout of the ``.pt`` files changes.
-FORMAT = 1
+#: Bumped when the layout of the ``.pt`` files changes.  2: the architecture is stored in the ``.pt`` (``spec``).
+FORMAT = 2
+#: The provenance keys that make up an entry's architecture, by kind: stored in the ``.pt`` as its ``spec``.
+SPEC_KEYS = {"model": ("kind", "config"), "classifier": ("kind", "in_channels", "num_classes", "feature_dim")}
 
 
 class PretrainedError(ValueError):
@@ -59,23 +65,74 @@ def info(name: str = "vlae-mnist") -> dict:
         return json.load(f)
 
 
-def _state(name: str, kind: str) -> tuple:
-    """``(weights dict, provenance)`` of entry ``name``, after checking its kind, SHA-256 and format."""
-    meta = info(name)
-    if meta.get("kind") != kind:
-        raise PretrainedError(f"{name!r} is a {meta.get('kind')!r} entry, not a {kind!r} one")
-    path = os.path.join(FOLDER, name + ".pt")
+def spec_of(meta: dict) -> dict:
+    """The architecture part of a provenance dict (:data:`SPEC_KEYS` of its kind), as JSON would give it back."""
+    keys = SPEC_KEYS.get(meta.get("kind"))
+    if keys is None:
+        raise PretrainedError(f"unknown pretrained kind {meta.get('kind')!r}; expected one of {sorted(SPEC_KEYS)}")
+    return json.loads(json.dumps({k: meta.get(k) for k in keys}))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: tree}
+
+
+def _spec_differences(spec: dict, meta: dict, name: str) -> list:
+    """``"<dotted key>: <json value> in <name>.json, <value> in the hashed <name>.pt"`` for each difference."""
+    theirs, ours = _flat({k: meta.get(k) for k in spec}), _flat(spec)
+    return [
+        f"{k}: {json.dumps(theirs.get(k))} in {name}.json, {json.dumps(ours.get(k))} in the hashed {name}.pt"
+        for k in sorted(set(theirs) | set(ours), key=str)
+        if theirs.get(k) != ours.get(k)
+    ]
+
+
+def checked_bytes(path: str, meta: dict) -> bytes:
+    """The bytes of the ``.pt`` file at ``path``, read once, after checking them against ``meta["sha256"]``."""
     with open(path, "rb") as f:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        name = os.path.basename(path)[:-3]
         raise PretrainedError(
             f"{path} does not match the SHA-256 in {name}.json: the file changed after it was exported; reinstall "
             "pyro_vlae or regenerate it with python -m pyro_vlae.pretrained.export RUN_DIR"
         )
+    return data
+
+
+def _state(name: str, kind: str) -> tuple:
+    """``(weights dict, architecture, provenance)`` of entry ``name``, after checking its kind, SHA-256, format and
+    that the ``.json``'s architecture is the one inside the hashed ``.pt``."""
+    meta = info(name)
+    if meta.get("kind") != kind:
+        raise PretrainedError(f"{name!r} is a {meta.get('kind')!r} entry, not a {kind!r} one")
+    path = os.path.join(FOLDER, name + ".pt")
+    data = checked_bytes(path, meta)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # the bytes that were checked
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise PretrainedError(f"{path} is not a format-{FORMAT} pretrained file of this pyro_vlae version")
-    return state, meta
+    found = state.get("format") if isinstance(state, dict) else None
+    if found == 1:
+        raise PretrainedError(
+            f"{path} is a format-1 pretrained file, written before the architecture was stored with the weights; this "
+            f"pyro_vlae reads format {FORMAT}: re-export it from its run (python -m pyro_vlae.pretrained.export "
+            f"RUN_DIR), or, if {name}.json is the one exported with it, convert it with python -m "
+            f"pyro_vlae.pretrained.repack {name} --folder {FOLDER}"
+        )
+    if found != FORMAT or not isinstance(state.get("spec"), dict):
+        raise PretrainedError(
+            f"{path} is not a format-{FORMAT} pretrained file (format {found!r}); install the pyro_vlae version that "
+            "wrote it, or re-export it with python -m pyro_vlae.pretrained.export RUN_DIR"
+        )
+    spec = state["spec"]
+    diffs = _spec_differences(spec, meta, name) if spec.get("kind") == kind else [f"kind: {spec.get('kind')!r}"]
+    if diffs:
+        raise PretrainedError(
+            f"{name}.json does not describe the architecture stored in the hashed {name}.pt ({'; '.join(diffs)}): the "
+            "provenance file was edited; reinstall pyro_vlae or regenerate the entry with python -m "
+            "pyro_vlae.pretrained.export RUN_DIR"
+        )
+    return state, spec, meta
 
 
 def _float32(state_dict: dict) -> dict:
@@ -84,7 +141,8 @@ def _float32(state_dict: dict) -> dict:
 
 
 def model_config(meta: dict) -> ModelConfig:
-    """The :class:`ModelConfig` of a provenance dict, keeping only the fields this version knows."""
+    """The :class:`ModelConfig` of a provenance dict or a model's ``spec``, keeping only the fields this version
+    knows."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig.from_dict({k: v for k, v in meta["config"]["model"].items() if k in known})
 
@@ -100,9 +158,9 @@ def load_pretrained(name: str = "vlae-mnist", device="cpu") -> tuple:
     :param device: where to put the networks.
     :returns: ``(model, guide)``; :func:`info` gives the provenance.
     """
-    state, meta = _state(name, "model")
-    config = model_config(meta)
-    kind = meta["config"]["model_kind"]
+    state, spec, _ = _state(name, "model")
+    config = model_config(spec)
+    kind = spec["config"]["model_kind"]
     model = get_model(kind, config).to(device)
     guide = get_guide(kind, config).to(device)
     model_sd, gain = _float32(state["model"]), state.get("ladder_gain")
@@ -122,10 +180,20 @@ def load_classifier(name: str = "mnist-classifier", device="cpu") -> SmallCNN:
 
     Its test accuracy on the 10k MNIST test images is ``info(name)["test_accuracy"]``.
     """
-    state, meta = _state(name, "classifier")
-    clf = SmallCNN(meta["in_channels"], meta["num_classes"], meta["feature_dim"])
+    state, spec, _ = _state(name, "classifier")
+    clf = SmallCNN(spec["in_channels"], spec["num_classes"], spec["feature_dim"])
     clf.load_state_dict(_float32(state["classifier"]))
     return clf.to(device).eval()
 
 
-__all__ = ["FOLDER", "PretrainedError", "available", "info", "load_classifier", "load_pretrained", "model_config"]
+__all__ = [
+    "FOLDER",
+    "FORMAT",
+    "PretrainedError",
+    "available",
+    "info",
+    "load_classifier",
+    "load_pretrained",
+    "model_config",
+    "spec_of",
+]

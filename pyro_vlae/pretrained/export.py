@@ -36,7 +36,7 @@ from ..evaluation.classifier import SmallCNN, get_classifier, predict
 from ..training.annealing import ladder_gains
 from ..training.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_json_dict
 from ..training.runs import load_run
-from . import FOLDER, FORMAT
+from . import FOLDER, FORMAT, spec_of
 
 #: Largest change of a decoded mean pixel (values in [0, 1]) that half precision may cause: one 8-bit grey level.
 HALF_TOLERANCE = 1.0 / 255.0
@@ -141,10 +141,13 @@ def _eval_summary(run_dir: str) -> dict:
 
 
 def _write(out: str, name: str, state: dict, meta: dict) -> str:
+    """Write ``<name>.pt`` (``state`` with the architecture of ``meta`` as its ``spec``, so the hash covers it) and
+    ``<name>.json`` (``meta`` with the ``.pt``'s SHA-256, size and format)."""
+    state = {**state, "spec": spec_of(meta), "format": FORMAT}
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    meta = {**meta, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    meta = {**meta, "format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     atomic_write_bytes(os.path.join(out, name + ".pt"), data)
     atomic_write_json(os.path.join(out, name + ".json"), meta)
     return os.path.join(out, name + ".pt")
@@ -181,7 +184,7 @@ def export_model(run_dir: str, out: str, name: str, commit: dict, x_check: torch
     log(f"{name}: half precision changes decoded means by at most {worst:.2e} ({'stored' if half else 'float32 kept'})")
     conv = _half if half else dict
     model_sd = {k: v for k, v in model.state_dict().items() if k != "ladder_gain"}
-    weights = {"model": conv(model_sd), "guide": conv(guide.state_dict()), "format": FORMAT}
+    weights = {"model": conv(model_sd), "guide": conv(guide.state_dict())}
     if gain is not None:
         weights["ladder_gain"] = gain
     command = public_command(read_json_dict(os.path.join(run_dir, "config.json")).get("command") or [])
@@ -233,7 +236,7 @@ def export_classifier(bundle, cache_dir: str, out: str, name: str, commit: dict,
         "dtype": f"float16 for tensors of >= {HALF_MIN_NUMEL} entries, else float32" if half else "float32",
         "training_fingerprint": cinfo["fingerprint"],
     }
-    return _write(out, name, {"classifier": _half(sd) if half else sd, "format": FORMAT}, meta)
+    return _write(out, name, {"classifier": _half(sd) if half else sd}, meta)
 
 
 def build_parser() -> argparse.ArgumentParser:

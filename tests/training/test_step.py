@@ -13,6 +13,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_vlae.presets import get_preset
@@ -94,7 +95,12 @@ def test_loss_and_gradients_equal_pyro_differentiable_loss_on_fixed_noise(kind, 
 #
 # A CPU run cannot see a device synchronisation, so the test records the operators one step dispatches and refuses
 # those that would be one, or that would make a CUDA graph replay a stale value:
-# * ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``): a read of a tensor on the host;
+# * an operator whose output depends on the data on the host (torch's ``data_dependent_output`` tag:
+#   ``aten._local_scalar_dense`` for ``.item()``, ``float(t)``, ``bool(t)``; ``aten.equal``; ``aten.allclose``) or
+#   whose output shape does (``dynamic_output_shape``: ``nonzero``, ``masked_select``, ``unique``, indexing with a
+#   boolean mask): a read of a tensor on the host;
+# * ``Tensor.tolist``, ``Tensor.numpy`` and ``__array__``, which read a CPU tensor's memory without an operator (seen
+#   by a ``TorchFunctionMode``);
 # * ``aten.lift_fresh`` / ``lift_fresh_copy`` of a non-empty tensor (``torch.tensor(data)``) and ``aten.scalar_tensor``:
 #   a tensor made from host data, a host-to-device copy on CUDA (Pyro's ``plate`` makes an empty CPU tensor, no copy);
 # * ``aten._to_copy`` / ``aten.copy_`` between devices: a transfer;
@@ -102,16 +108,53 @@ def test_loss_and_gradients_equal_pyro_differentiable_loss_on_fixed_noise(kind, 
 #   device scalar: a per-step value baked into a kernel, which a captured graph would replay at its capture value.
 
 
+class _HostMethods(TorchFunctionMode):
+    """The tensor methods that read data on the host without dispatching an operator (on a CPU tensor)."""
+
+    READS = ("tolist", "numpy", "__array__")
+
+    def __init__(self, found):
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.found[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _boolean_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
 class HostTraffic(TorchDispatchMode):
     def __init__(self, step_values=()):
         super().__init__()
         self.step_values, self.found = tuple(step_values), collections.Counter()
+        self._methods = _HostMethods(self.found)
+
+    def __enter__(self):
+        self._methods.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._methods.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in ("_local_scalar_dense", "item", "scalar_tensor"):
+        if name == "scalar_tensor" or torch.Tag.data_dependent_output in func.tags:
+            self.found[name] += 1
+        elif name.startswith("index") or name == "_index_put_impl_":
+            if _boolean_index(args):
+                self.found[f"{name} with a boolean mask"] += 1
+        elif torch.Tag.dynamic_output_shape in func.tags:
             self.found[name] += 1
         elif name in ("lift_fresh", "lift_fresh_copy") and out.numel() > 0:
             self.found["tensor from host data"] += 1
@@ -166,6 +209,41 @@ def test_the_host_traffic_record_catches_svi_step_and_a_copied_gain():
     with HostTraffic() as seen:
         model.ladder_gain.copy_(torch.tensor([0.25, 0.5]))
     assert seen.found["tensor from host data"] == 1
+
+
+# Each way of reading a tensor on the host, put into a copy of the step, is caught by the record (the step itself
+# passes: the test above).
+HOST_READS = {
+    ".item()": lambda t: t.item(),
+    "float()": lambda t: float(t),
+    "bool()": lambda t: bool(t > 0),
+    "torch.tensor(data)": lambda t: t + torch.tensor([1.0]),
+    "tolist": lambda t: t.tolist(),
+    "numpy": lambda t: t.detach().numpy(),
+    "torch.equal": lambda t: torch.equal(t, t),
+    "allclose": lambda t: torch.allclose(t, t),
+    "nonzero": lambda t: t.reshape(-1).nonzero(),
+    "mask indexing": lambda t: t.reshape(-1)[t.reshape(-1) > 0],
+    "unique": lambda t: t.unique(),
+}
+
+
+@pytest.mark.parametrize("read", list(HOST_READS), ids=list(HOST_READS))
+def test_the_host_traffic_record_catches_each_host_read_put_into_the_step(read):
+    cfg, x = config("vlae", "laplace"), batch("laplace")
+    model, guide, optim, _ = TR.build(cfg, "cpu")
+
+    class ReadingStep(S.GraphSafeStep):
+        def _step(self, x):
+            super()._step(x)
+            HOST_READS[read](self.stats.last)
+
+    stepper = ReadingStep(model, guide, optim, "trace", "cpu")
+    with pyro.validation_enabled(False):
+        stepper.step(x, kl_scale=0.5)
+        with HostTraffic() as seen:
+            stepper.step(x, kl_scale=0.5)
+    assert seen.found, f"{read} in the step was not caught"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pyro_vlae.evaluation.classifier import predict
 from pyro_vlae.guides.vlae import VLAEGuide
 from pyro_vlae.models.vlae import VLAEModel
 from pyro_vlae.pretrained import export as E
+from pyro_vlae.pretrained import provenance
 from pyro_vlae.training.runs import RunConfig, build, load_run, save_run_checkpoint, write_config
 
 
@@ -194,7 +195,7 @@ def checkout(tmp_path, monkeypatch):
     git(repo, "init", "-q")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "start")
-    monkeypatch.setattr(E, "CHECKOUT", str(repo))
+    monkeypatch.setattr(provenance, "CHECKOUT", str(repo))
     return repo
 
 
@@ -265,5 +266,5 @@ def test_export_round_trip_matches_the_run(tmp_path, monkeypatch):
     halves = [v.dtype == torch.float16 for v in state["model"].values() if v.is_floating_point()]
     assert all(halves) if meta["dtype"] != "float32" else not any(halves)
     save_run_checkpoint(run, model, guide, optim, 1, config)  # step 1 of 4: not finished
-    with pytest.raises(ValueError, match="stopped at step 1 of 4; finish it with --resume first"):
+    with pytest.raises(ValueError, match="stopped at step 1 of 4: finish it with python -m pyro_vlae.run --resume"):
         E.export_model(run, str(out), "unfinished", {"commit": None, "dirty": None}, x)

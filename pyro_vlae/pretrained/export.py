@@ -16,8 +16,18 @@ The measured differences go into the provenance file.
 Provenance must name code that reproduces the weights: the export refuses a checkout with uncommitted changes to
 tracked files (other than the files it writes), and a run said to be trained on a changed tree (``--dirty``), unless
 ``--allow-dirty`` is given; then the SHA-256 of the changes (``git diff --binary HEAD`` of the changed files) is
-recorded beside their names.  The ``.json`` says which commit trained the run (``--commit``, default the exporting
-checkout's HEAD) and which commit exported it.
+recorded beside their names (:mod:`.provenance`).  The ``.json`` says which commit trained the run (``--commit``,
+default the exporting checkout's HEAD) and which commit exported it.
+
+A run stopped before its ``--num-steps`` (a time limit, or the GPU driver's deadline) is refused unless
+``--allow-partial`` is given, with a ``--description`` of its own; the ``.json`` then records the step reached
+(``trained_steps`` and ``partial``) beside ``planned_steps``.  A run returned by the GPU driver, for example::
+
+    python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale
+    python -m pyro_vlae.pretrained.export runs/paper_scale/shapes3d_vlae --name vlae-shapes3d --no-classifier \
+        --allow-partial --description "shapes3d VLAE, 32x32, stopped by the GPU driver" --commit COMMIT
+
+(its float16 weights pass through the same half-precision check; they were float16 already).
 """
 
 from __future__ import annotations
@@ -26,7 +36,6 @@ import argparse
 import hashlib
 import io
 import os
-import subprocess
 import sys
 
 import torch
@@ -37,6 +46,7 @@ from ..training.annealing import ladder_gains
 from ..training.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_json, read_json_dict
 from ..training.runs import load_run
 from . import FOLDER, FORMAT, spec_of
+from .provenance import is_default_job, provenance, public_command, run_dir_of
 
 #: Largest change of a decoded mean pixel (values in [0, 1]) that half precision may cause: one 8-bit grey level.
 HALF_TOLERANCE = 1.0 / 255.0
@@ -54,32 +64,6 @@ def _roundtrip(module, state_dict: dict):
     """``module`` with ``state_dict`` passed through :func:`_half` and back to float32 (what a user loads)."""
     module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in _half(state_dict).items()})
     return module
-
-
-#: The checkout whose git state the export records (the one this package is imported from).
-CHECKOUT = os.path.dirname(FOLDER)
-
-
-def _git(folder: str, *args: str) -> bytes:
-    return subprocess.run(["git", *args], cwd=folder, capture_output=True, check=True).stdout
-
-
-def git_commit(folder: str, ignore=()) -> dict:
-    """The git state of the checkout holding ``folder``: ``{"commit": HEAD, "dirty": [changed tracked files],
-    "diff_sha256": SHA-256 of their ``git diff --binary HEAD`` or None when clean}``, or nulls outside a checkout.
-
-    :param ignore: paths (absolute, or relative to the current folder) left out of ``dirty``: the export's outputs.
-    """
-    try:
-        root = _git(folder, "rev-parse", "--show-toplevel").decode().strip()
-        head = _git(folder, "rev-parse", "HEAD").decode().strip()
-        status = _git(folder, "status", "--porcelain", "--untracked-files=no").decode()
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None, "diff_sha256": None}
-    skip = {os.path.relpath(os.path.realpath(p), os.path.realpath(root)) for p in ignore}
-    dirty = [line[3:] for line in status.splitlines() if line[3:] not in skip]
-    diff = hashlib.sha256(_git(root, "diff", "--binary", "HEAD", "--", *dirty)).hexdigest() if dirty else None
-    return {"commit": head, "dirty": dirty, "diff_sha256": diff}
 
 
 @torch.no_grad()
@@ -153,29 +137,57 @@ def _write(out: str, name: str, state: dict, meta: dict) -> str:
     return os.path.join(out, name + ".pt")
 
 
-def public_command(command: list) -> str:
-    """The run's recorded command as a user types it: ``python -m pyro_vlae.run ...`` (a run started from the shell
-    records ``sys.argv``, ``.../run.py ...``), with ``--run-dir`` shown as ``runs/<the folder's name>``, not the
-    exporting machine's path."""
-    if command[:3] != ["python", "-m", "pyro_vlae.run"]:
-        command = ["python", "-m", "pyro_vlae.run", *command[1:]]
-    out = list(command)
-    for i, arg in enumerate(out[:-1]):
-        if arg == "--run-dir":
-            out[i + 1] = "runs/" + os.path.basename(os.path.normpath(out[i + 1]))
-    return " ".join(out)
+#: What the provenance of a run exported before its ``--num-steps`` says about the step reached.
+PARTIAL_NOTE = (
+    "stopped before its --num-steps (a time limit or a driver's stop), exported with --allow-partial: the command "
+    "trains to num_steps, these weights are those of the step reached"
+)
 
 
-def export_model(run_dir: str, out: str, name: str, commit: dict, x_check: torch.Tensor, log=print) -> str:
-    """Write ``<out>/<name>.pt`` and ``.json`` from the run in ``run_dir`` (which must have finished training)."""
+def describe(config, command: list, step: int) -> str:
+    """The default description of an exported run: its model, dataset, preset and length; the default job by name."""
+    head = f"{config.model_kind} on {config.dataset}, preset {config.preset}"
+    if is_default_job(command) and config.preset == "mnist-cpu":
+        return head + ": the default job on CPU"
+    return f"{head}, {step} steps of batch {config.train.batch_size}"
+
+
+def export_model(
+    run_dir: str,
+    out: str,
+    name: str,
+    commit: dict,
+    x_check: torch.Tensor,
+    log=print,
+    allow_partial: bool = False,
+    description: str | None = None,
+) -> str:
+    """Write ``<out>/<name>.pt`` and ``.json`` from the run in ``run_dir``.
+
+    :param allow_partial: export a run stopped before its ``--num-steps`` (as the GPU driver stops its runs at a
+        deadline); the provenance records the step reached (``trained_steps``, ``partial``) beside the planned
+        ``planned_steps``.  Such a run needs its own ``description``.
+    :param description: the entry's one-line description (default: from the run's settings, :func:`describe`).
+    :raises ValueError: for a stopped run without ``allow_partial``, or with it but without a description.
+    """
     model, guide, config, state = load_run(run_dir, "cpu")
-    tc, L = config.train, config.model.num_layers
-    if int(state["step"]) < tc.num_steps:
-        raise ValueError(f"{run_dir} stopped at step {state['step']} of {tc.num_steps}; finish it with --resume first")
+    tc, L, step = config.train, config.model.num_layers, int(state["step"])
+    partial = step < tc.num_steps
+    if partial and not allow_partial:
+        raise ValueError(
+            f"{run_dir} stopped at step {step} of {tc.num_steps}: finish it with python -m pyro_vlae.run --resume "
+            f"{run_dir}, or export the step reached with --allow-partial and a --description saying how it was "
+            "trained and stopped"
+        )
+    if partial and not description:
+        raise ValueError(
+            f"--allow-partial needs --description: {run_dir} stopped at step {step} of {tc.num_steps}, so say how "
+            'it was trained and stopped, e.g. --description "shapes3d VLAE, 32x32, stopped by the GPU driver"'
+        )
     gain = None
     if config.model_kind == "vlae":  # the gains of the last step trained (all 1 once the fade-in is over)
         saved = state["model"].get("ladder_gain")
-        last = ladder_gains(max(int(state["step"]) - 1, 0), L, tc.fade_in)
+        last = ladder_gains(max(step - 1, 0), L, tc.fade_in)
         gain = (saved if saved is not None else torch.tensor(last)).detach().float().cpu().clone()
         model.ladder_gain.copy_(gain)
     effect = half_precision_effect(model, guide, x_check.float())
@@ -187,22 +199,26 @@ def export_model(run_dir: str, out: str, name: str, commit: dict, x_check: torch
     weights = {"model": conv(model_sd), "guide": conv(guide.state_dict())}
     if gain is not None:
         weights["ladder_gain"] = gain
-    command = public_command(read_json_dict(os.path.join(run_dir, "config.json")).get("command") or [])
+    argv = read_json_dict(os.path.join(run_dir, "config.json")).get("command") or []
+    command = public_command(argv)
+    folder = run_dir_of(command, "runs/" + os.path.basename(os.path.normpath(run_dir)))
+    export = f"python -m pyro_vlae.pretrained.export {folder}"
     meta = {
         "kind": "model",
         "name": name,
-        "description": f"{config.model_kind} on {config.dataset}, preset {config.preset}: the default job on CPU",
+        "description": description or describe(config, argv, step),
         "command": command,
         **commit,
-        "trained_steps": int(state["step"]),
+        "trained_steps": step,
+        "planned_steps": tc.num_steps,
+        "partial": {"step": step, "num_steps": tc.num_steps, "note": PARTIAL_NOTE} if partial else None,
         "ladder_gain": gain.tolist() if gain is not None else None,
         "dtype": f"float16 for tensors of >= {HALF_MIN_NUMEL} entries, else float32" if half else "float32",
         "half_precision_effect": effect,
         "half_tolerance": HALF_TOLERANCE,
         "config": config.to_dict(),
         "evaluation": _eval_summary(run_dir),
-        "regenerate": "python -m pyro_vlae.run --model vlae --device cpu --run-dir runs/vlae-mnist-pretrained && "
-        "python -m pyro_vlae.pretrained.export runs/vlae-mnist-pretrained",
+        "regenerate": f"{command} && {export}" + (" --allow-partial --description ..." if partial else ""),
     }
     return _write(out, name, weights, meta)
 
@@ -256,41 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="export from a checkout with uncommitted changes (or a run trained with some, --dirty); the changed "
         "files and the SHA-256 of their diff are recorded",
     )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="export a run stopped before its --num-steps (e.g. by the GPU driver's deadline); the step reached is "
+        "recorded (trained_steps, partial) and --description is required",
+    )
+    p.add_argument("--description", help="the model entry's one-line description (default: from the run's settings)")
     p.add_argument("--note", help="a line of provenance to keep in the .json files")
     p.add_argument("--no-classifier", action="store_true", help="export the model only")
     return p
-
-
-def provenance(args) -> dict:
-    """Which commit trained the run and which exported it; refuses uncommitted changes without ``--allow-dirty``.
-
-    :raises ValueError: naming the changed files and the flag.
-    """
-    names = [args.name] + ([] if args.no_classifier else [args.classifier_name])
-    outputs = [os.path.join(args.out, n + ext) for n in names for ext in (".pt", ".json")]
-    exported = git_commit(CHECKOUT, ignore=outputs)
-    if exported["commit"] is None and not args.allow_dirty:
-        raise ValueError(
-            f"{CHECKOUT} is not a git checkout, so the export cannot name the code: export from a clone of the "
-            "repository, or pass --allow-dirty to record no commit"
-        )
-    if exported["dirty"] and not args.allow_dirty:
-        raise ValueError(
-            f"the checkout {CHECKOUT} has uncommitted changes in {', '.join(exported['dirty'])}: commit them so that "
-            "the provenance names code that reproduces the weights, or pass --allow-dirty to export anyway with the "
-            "SHA-256 of the changes recorded"
-        )
-    trained_dirty = args.dirty.split(",") if args.dirty else []
-    if trained_dirty and not args.allow_dirty:
-        raise ValueError(
-            f"--dirty says the run was trained with uncommitted changes in {', '.join(trained_dirty)}: retrain it "
-            "from a clean commit, or pass --allow-dirty to export it with those files named"
-        )
-    if args.commit:
-        trained = {"commit": args.commit, "dirty": trained_dirty, "source": "stated with --commit and --dirty"}
-    else:
-        trained = {**exported, "source": "the exporting checkout (no --commit given)"}
-    return {"commit": trained["commit"], "dirty": trained["dirty"], "trained_at": trained, "exported_at": exported}
 
 
 def main(argv=None) -> int:
@@ -306,7 +297,17 @@ def main(argv=None) -> int:
             raise CheckpointError(f"{args.run_dir} has no readable config.json; is it a run folder?")
         bundle = load_data(config["dataset"], config.get("data_dir", "data"), 100, seed=int(config.get("seed", 0)))
         x_check = bundle.tensors("test")[0][:1000]
-        print(export_model(args.run_dir, args.out, args.name, commit, x_check))
+        print(
+            export_model(
+                args.run_dir,
+                args.out,
+                args.name,
+                commit,
+                x_check,
+                allow_partial=args.allow_partial,
+                description=args.description,
+            )
+        )
         if not args.no_classifier:
             cache = os.path.join(config.get("data_dir", "data"), "classifiers")
             print(export_classifier(bundle, cache, args.out, args.classifier_name, commit))

@@ -58,16 +58,19 @@ def test_the_pool_runs_two_at_a_time_and_passes_a_sigterm_on(tmp_path):
             import sys, time
             sys.path.insert(0, {BENCH!r})
             import c5_pilot as CP
-            jobs = [(f"j{{k}}", [sys.executable, {str(script)!r}], {str(tmp_path)!r} + f"/j{{k}}.log") for k in range(3)]
+            log = {str(tmp_path)!r} + "/j{{}}.log"
+            jobs = [(f"j{{k}}", [sys.executable, {str(script)!r}], log.format(k)) for k in range(3)]
             print(CP.run_pool(jobs, 2, time.time() + 600), flush=True)
             """
         )
     )
     p = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and sum(
-        (tmp_path / f"j{k}.log").exists() and "up" in (tmp_path / f"j{k}.log").read_text() for k in range(3)
-    ) < 2:
+    while (
+        time.time() < deadline
+        and sum((tmp_path / f"j{k}.log").exists() and "up" in (tmp_path / f"j{k}.log").read_text() for k in range(3))
+        < 2
+    ):
         time.sleep(0.2)
     assert not (tmp_path / "j2.log").exists()  # two at a time
     p.send_signal(signal.SIGTERM)

@@ -34,8 +34,8 @@ sys.path.insert(0, HERE)
 from reproduce import _accuracy, _get, share_tables  # noqa: E402
 
 #: The fade-in, in steps per layer (``--fade-in``): the top code alone first, each lower layer joining over the next
-#: ``FADE_IN`` steps; with 4 layers every gain is 1 from step 2000 of the default 3000.
-FADE_IN = 500
+#: ``FADE_IN`` steps; with 4 layers every gain is 1 from step 1200 of the default 2000.
+FADE_IN = 300
 #: pro-VLAE's 3dshapes setting: 3 layers of 3-d codes with a KL weight beta = 8, here a constant KL scale of 8
 #: (``--anneal const:8``: the KL-scale schedule takes any scale > 0; the model and guide apply it with poutine.scale).
 BETA_PRO = 8
@@ -206,7 +206,7 @@ def report(root, tags) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/c5_pilot")
-    p.add_argument("--steps", type=int, default=3000, help="steps of 100 images per run (default 3000: 0.64 epochs)")
+    p.add_argument("--steps", type=int, default=2000, help="steps of 100 images per run (default 2000: 0.43 epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2)")
     p.add_argument("--budget-minutes", type=float, default=150.0, help="stop launching new work after this long")

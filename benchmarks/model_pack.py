@@ -2,9 +2,18 @@
 
 * :func:`export_half` writes an evaluable copy of a run folder: ``config.json``, ``metrics.jsonl`` and
   ``checkpoints/latest.pt`` with every floating-point weight of the model and the guide in float16 (tensors whose
-  values do not fit float16 stay float32), no optimiser state and no RNG state, so it can be evaluated but not
-  resumed.  ``python -m pyro_vlae.evaluate`` loads it as it is: ``load_state_dict`` copies the float16 values into
-  the float32 networks.
+  values do not fit float16 stay float32), no optimiser state and no RNG state.  ``python -m pyro_vlae.evaluate``
+  loads it as it is (``load_state_dict`` copies the float16 values into the float32 networks), and so does
+  ``python -m pyro_vlae.pretrained.export RUN --allow-partial --description ...``, which ships it.
+
+**The pack is for evaluation and export only: its runs cannot be resumed.**  A resumable copy would carry the
+float32 weights and Adam's two float32 moments, six times the float16 bytes: the ``mnist-paper`` VLAE alone is
+49.5 MiB in float16 (about 300 MiB so), the three 32x32 shapes3d models 10.5 MiB (about 63 MiB), and the GPU
+machine returns 64 MiB in all (:data:`MAX_TOTAL_BYTES`).  So the copy keeps the weights the evaluation and the
+export need, and says what it is: the checkpoint holds ``precision: "float16"``, ``resumable: False`` and an empty
+``optim``, and the manifest's ``use`` and each run's ``resumable`` say the same.  The full float32 checkpoint with
+its optimiser state stays in the run folder where it was trained (on the GPU machine, gone with it); training on
+from a returned run means starting a run from its weights, not ``--resume``.
 * :func:`pack` puts exported run folders into one ``models.tar.gz`` and splits it into parts of at most
   :data:`PART_BYTES`, with ``models.manifest.json`` holding each part's size and SHA-256 and the whole archive's.
 * :func:`unpack` checks the parts against the manifest, joins them (as ``cat models.tar.gz.part* > models.tar.gz``
@@ -34,6 +43,11 @@ MANIFEST = "models.manifest.json"
 ARCHIVE = "models.tar.gz"
 FLOAT16_MAX = 65504.0
 KEPT_FILES = ("config.json", "metrics.jsonl")
+#: What the packed runs are for, written into the manifest and printed by ``unpack``.
+USE = (
+    "evaluation and export only: float16 weights without optimiser or RNG state, so they cannot be resumed "
+    "(python -m pyro_vlae.evaluate RUN; python -m pyro_vlae.pretrained.export RUN --allow-partial --description ...)"
+)
 
 
 class PackError(ValueError):
@@ -79,11 +93,12 @@ def export_half(run_dir, dest) -> dict:
     half = {
         "model": model,
         "guide": guide,
-        "optim": {},  # evaluation needs no optimiser; a resume from this file is not possible
+        "optim": {},  # evaluation and export need no optimiser state; see the module's docstring
         "step": int(state["step"]),
         "config": state["config"],
         "format": state.get("format", 1),
         "precision": "float16",
+        "resumable": False,
     }
     (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
     save_checkpoint(str(dest / "checkpoints" / "latest.pt"), half)
@@ -97,6 +112,7 @@ def export_half(run_dir, dest) -> dict:
         "batch_size": int(state["config"]["train"]["batch_size"]),
         "numel": int(numel),
         "kept_float32": kept_m + kept_g,
+        "resumable": False,
         "checkpoint_bytes": (dest / "checkpoints" / "latest.pt").stat().st_size,
     }
 
@@ -137,6 +153,8 @@ def pack(run_dirs: list, out, max_bytes: int, part_bytes: int = PART_BYTES, tmp_
             "parts": parts,
             "runs": [r.name for r in runs],
             "left_out": left_out,
+            "use": USE,
+            "resumable": False,
             "join": f"cat {' '.join(p['file'] for p in parts)} > {ARCHIVE}",
             "unpack": "python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale",
         }
@@ -189,7 +207,9 @@ def main(argv=None) -> int:
     u.add_argument("--dest", default="runs/paper_scale", help="parent of the extracted run folders")
     args = p.parse_args(argv)
     try:
-        for run in unpack(args.src, args.dest):
+        runs = unpack(args.src, args.dest)
+        print(f"# {USE}")
+        for run in runs:
             print(f"python -m pyro_vlae.evaluate {run}")
     except PackError as e:
         print(f"error: {e}", file=sys.stderr)

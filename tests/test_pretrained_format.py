@@ -58,6 +58,14 @@ def test_an_edited_json_beside_the_shipped_classifier_is_refused(tmp_path, monke
         P.load_classifier("mnist-classifier")
 
 
+def test_a_json_without_its_architecture_is_refused_in_one_short_line(tmp_path, monkeypatch):
+    path = copy_entry(tmp_path, monkeypatch, "vlae-mnist")
+    edit_json(path, lambda meta: meta.pop("config"))
+    with pytest.raises(P.PretrainedError, match=r"config\.[a-z_.]+: null in vlae-mnist\.json, .* and \d+ more\)") as e:
+        pv.load_pretrained("vlae-mnist")
+    assert len(str(e.value)) < 600
+
+
 def test_provenance_fields_outside_the_architecture_may_be_read_but_not_trusted_for_building(tmp_path, monkeypatch):
     """A note edited in the ``.json`` does not matter; the networks are built from the hashed config."""
     path = copy_entry(tmp_path, monkeypatch, "vlae-mnist")

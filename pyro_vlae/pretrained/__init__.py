@@ -128,7 +128,8 @@ def _state(name: str, kind: str) -> tuple:
     diffs = _spec_differences(spec, meta, name) if spec.get("kind") == kind else [f"kind: {spec.get('kind')!r}"]
     if diffs:
         raise PretrainedError(
-            f"{name}.json does not describe the architecture stored in the hashed {name}.pt ({'; '.join(diffs)}): the "
+            f"{name}.json does not describe the architecture stored in the hashed {name}.pt ({'; '.join(diffs[:4])}"
+            f"{f'; and {len(diffs) - 4} more' if len(diffs) > 4 else ''}): the "
             "provenance file was edited; reinstall pyro_vlae or regenerate the entry with python -m "
             "pyro_vlae.pretrained.export RUN_DIR"
         )

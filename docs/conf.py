@@ -10,6 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import notebook_cache  # noqa: E402
+import offline_math  # noqa: E402
 
 import pyro_vlae  # noqa: E402
 
@@ -18,12 +19,23 @@ author = "the pyro_vlae authors"
 copyright = "2026, the pyro_vlae authors"
 release = version = pyro_vlae.__version__
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "myst_nb"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx_copybutton", "myst_nb"]
 exclude_patterns = ["_build", "figures/README.md"]
 root_doc = "index"
-html_theme = "alabaster"
-html_theme_options = {"description": "Variational Ladder Autoencoders in Pyro", "fixed_sidebar": True}
-html_static_path = []
+
+# --- theme: furo (light and dark), a text column wide enough for 120-column code, a copy button on code ----------
+html_theme = "furo"
+html_title = f"pyro_vlae {release}"
+html_static_path = ["_static", offline_math.static_folder(os.path.join(notebook_cache.BUILD, ".mathjax"))]
+html_css_files = ["wide.css"]
+# the copy button leaves out prompts and the outputs that follow them
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+
+# --- math offline: MathJax 3 from the docs extra's package (django-static-mathjax), served from _static -------------
+# One self-contained file (tex-svg-full.js: every TeX extension, SVG output, so no font files); no CDN is named
+# anywhere in the built site (tests/test_docs_offline.py checks the conf and, when built, the HTML).
+mathjax_path = offline_math.MATHJAX_FILE
 
 # --- autodoc: one page per subpackage, each module's own members (api/*.md) -------------------------------------
 # ``ignore-module-all``: a package's ``__all__`` re-exports its submodules' names; documenting members where they
@@ -43,7 +55,7 @@ suppress_warnings = []
 
 # --- myst and myst-nb ------------------------------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath"]
-myst_heading_anchors = 3  # GitHub-style anchors, so links such as reproduction.md#c1-... work here and on GitHub
+myst_heading_anchors = 4  # GitHub-style anchors, so links such as reproduction.md#c1-... work here and on GitHub
 nb_execution_mode = "cache"
 nb_execution_cache_path = notebook_cache.cache_path()
 nb_execution_timeout = 600

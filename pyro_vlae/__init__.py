@@ -53,7 +53,7 @@ from .presets import PRESETS, TrainConfig, get_preset
 from .pretrained import load_pretrained
 from .training import FusedAdam, RunConfig, build, fit, load_run, resolve_device
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DATASETS",

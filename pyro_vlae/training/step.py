@@ -1,21 +1,22 @@
 r"""The SVI training step as tensors: Pyro's ELBO without host reads, eager or captured in a CUDA graph.
 
 :meth:`pyro.infer.SVI.step` reads the device on every step: ``Trace_ELBO`` calls ``.item()`` on each site's
-``log_prob_sum`` and the step returns a Python float.  :class:`GraphSafeStep` takes the same step with no host read:
-it traces the guide and replays the model against it with Pyro's handlers (``get_importance_trace``, as
-``Trace_ELBO`` does), sums the scaled ``log_prob_sum`` terms into a loss *tensor* exactly as
+``log_prob_sum`` and the step returns a Python float.  :class:`GraphSafeStep` takes the same step with no host read: it
+traces the guide and replays the model against it with Pyro's handlers (``get_importance_trace``, as ``Trace_ELBO``
+does), sums the scaled ``log_prob_sum`` terms into a loss *tensor* exactly as
 ``Trace_ELBO._differentiable_loss_particle`` does (or the closed-form KLs of ``TraceMeanField_ELBO`` for
 ``elbo="meanfield"``), back-propagates and steps the optimiser.  The per-step KL scale is a device tensor changed in
-place (``fill_``), and the loss of the step and a finite flag are kept in device accumulators (:class:`DeviceStats`)
-that :meth:`GraphSafeStep.read` reads when the caller chooses (every ``log_every`` steps and before every checkpoint
-in :func:`~pyro_vlae.training.loop.fit`).
+place (``fill_``), and the loss of the step and a finite flag (the loss, the gradients and the updated parameters) are
+kept in device accumulators (:class:`DeviceStats`) that :meth:`GraphSafeStep.read` reads when the caller chooses (every
+``log_every`` steps and before every checkpoint in :func:`~pyro_vlae.training.loop.fit`).
 
-The step is bit-identical to ``SVI.step`` with the same ELBO and :class:`~pyro_vlae.training.optim.FusedAdam`: the
-same operations in the same order (``tests/training/test_step.py`` compares parameters bit for bit), so training has
-one path.  :class:`GraphStep` is the same step captured in a CUDA graph: after the validated steps it runs
-:data:`WARMUP_STEPS` real steps on a side stream, captures one whole step (model and guide traces, loss, backward,
-the fused Adam step, the accumulators) reading a static input buffer that each batch is copied into, and replays it;
-if the capture fails it trains eagerly and warns once, saying why.
+The step is bit-identical to ``SVI.step`` with the same ELBO and optimiser (:class:`~pyro_vlae.training.optim.FusedAdam`
+or any :class:`~pyro.optim.PyroOptim`): the same operations in the same order (``tests/training/test_step.py`` compares
+parameters bit for bit), so training has one path.  :class:`GraphStep` is the same step captured in a CUDA graph: after
+the validated steps it runs :data:`WARMUP_STEPS` real steps on the side stream it captures on, captures one whole step
+(model and guide traces, loss, backward, the fused Adam step, the accumulators) reading a static input buffer that each
+batch is copied into, and replays it; if the capture fails it puts the stream and the CUDA generator back, trains
+eagerly and warns once, saying why (:mod:`~pyro_vlae.training.capture`).
 
 Build and call it (``kl_scale`` is a Python float; it is copied into the device scalar only when it changes)::
 
@@ -29,17 +30,18 @@ Build and call it (``kl_scale`` is a Python float; it is copied into the device 
         if (s + 1) % log_every == 0:
             stats = step.read()                     # host read: StepStats(loss=..., first_bad=None | step)
 
-The hot path reads nothing only with Pyro's validation off (``pyro.enable_validation(False)``; its checks read
-tensors), as :func:`~pyro_vlae.training.loop.fit` runs after its first validated steps.  A :class:`GraphStep` runs its
-first call and every call made with validation on eagerly, the next :data:`WARMUP_STEPS` on a side stream, captures
-the one after and replays from then on.  :func:`use_cuda_graph` resolves ``--cuda-graph auto|on|off`` for a device
-and :func:`tf32` sets TF32 on CUDA; ``make_step(..., precision="bf16")`` runs the networks under a bfloat16 autocast
-with every log-probability in float32.
+The hot path reads nothing only with Pyro's validation off (``pyro.enable_validation(False)``; its checks read tensors),
+as :func:`~pyro_vlae.training.loop.fit` runs after its first validated steps.  A :class:`GraphStep` runs its first call
+and every call made with validation on eagerly, the next :data:`WARMUP_STEPS` on a side stream, captures the one after
+and replays from then on.  :func:`~pyro_vlae.training.capture.use_cuda_graph` resolves ``--cuda-graph auto|on|off`` for
+a device and :func:`~pyro_vlae.training.capture.tf32` sets TF32 on CUDA (both importable from here too);
+``make_step(..., precision="bf16")`` runs the networks under a bfloat16 autocast with every log-probability in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import warnings
 from dataclasses import dataclass
@@ -48,47 +50,18 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import is_validation_enabled
+from pyro.infer.util import is_validation_enabled, zero_grads
+from pyro.optim import PyroOptim
+from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from ..nets import without_param_registration
+from . import capture
+from .capture import CUDA_GRAPH_MODES, tf32, use_cuda_graph  # noqa: F401 - the loop imports them from here
 
 #: Real steps run eagerly on a side stream before the capture (PyTorch's whole-network capture recipe).
 WARMUP_STEPS = 3
-CUDA_GRAPH_MODES = ("auto", "on", "off")
 PRECISIONS = ("fp32", "bf16")
-
-
-def use_cuda_graph(mode: str, device) -> bool:
-    """Whether ``--cuda-graph mode`` captures the step on ``device``: ``auto`` on CUDA only, ``off`` never.
-
-    :raises ValueError: for ``on`` without a CUDA device, or an unknown mode.
-    """
-    if mode not in CUDA_GRAPH_MODES:
-        raise ValueError(f"--cuda-graph must be one of {', '.join(CUDA_GRAPH_MODES)}, got {mode!r}")
-    cuda = torch.device(device).type == "cuda"
-    if mode == "on" and not cuda:
-        raise ValueError(
-            f"--cuda-graph on captures the training step in a CUDA graph, and this run is on {torch.device(device)}: "
-            "use --cuda-graph auto (a graph on CUDA, eager elsewhere) or --cuda-graph off (with --force-config to "
-            "change a resumed run's setting)"
-        )
-    return cuda and mode != "off"
-
-
-@contextlib.contextmanager
-def tf32(device, on: bool = True):
-    """TF32 for matrix products and convolutions on a CUDA ``device`` while inside (``on``) or full float32 (not
-    ``on``); the previous settings come back on exit.  Nothing changes on other devices."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(on)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -109,21 +82,30 @@ def trace_elbo_loss(model_trace, guide_trace) -> tuple:
             surrogate = surrogate + site["log_prob_sum"]
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample":
-            _, score_function_term, entropy_term = site["score_parts"]
+            _refuse_score_function(name, site)
+            _, _, entropy_term = site["score_parts"]
             elbo = elbo - site["log_prob_sum"].detach().double()
             if not is_identically_zero(entropy_term):
                 surrogate = surrogate - entropy_term.sum()
-            if not is_identically_zero(score_function_term):
-                raise ValueError(
-                    f"guide site {name!r} is not reparameterised; the graph-safe step supports reparameterised guides "
-                    "only (train it with pyro.infer.SVI)"
-                )
     return -elbo, -surrogate
+
+
+def _refuse_score_function(name: str, site: dict) -> None:
+    """A guide site that is not reparameterised needs a score-function term, which neither loss builds."""
+    if not is_identically_zero(site["score_parts"].score_function):
+        raise ValueError(
+            f"guide site {name!r} is not reparameterised; the graph-safe step supports reparameterised guides only "
+            "(train it with pyro.infer.SVI and Trace_ELBO, or make the site reparameterisable)"
+        )
 
 
 def meanfield_elbo_loss(model_trace, guide_trace) -> tuple:
     """``(loss, surrogate)`` of ``TraceMeanField_ELBO._differentiable_loss_particle``: closed-form KLs where torch has
-    them, Pyro's log-ratio otherwise, in the same order."""
+    them, Pyro's log-ratio otherwise, in the same order.  A guide site that is not reparameterised is refused, with
+    Pyro's validation on or off (its closed-form KL is right, but the model's terms would lose its score function)."""
+    for name, guide_site in guide_trace.nodes.items():
+        if guide_site["type"] == "sample":
+            _refuse_score_function(name, guide_site)
     elbo = 0
     for name, model_site in model_trace.nodes.items():
         if model_site["type"] != "sample":
@@ -154,19 +136,39 @@ ELBO_LOSSES = {"trace": trace_elbo_loss, "meanfield": meanfield_elbo_loss}
 @dataclass
 class StepStats:
     """What :meth:`GraphSafeStep.read` returns: the loss of the last step (as ``SVI.step`` reports it), the first
-    step (1-based, counted from the start of training) whose loss was NaN or infinite (``None`` if none was) and that
-    loss."""
+    step (1-based, counted from the start of training) that was not finite (``None`` if none was), that step's loss,
+    and whether the loss was finite there while a gradient or an updated parameter was not (``bad_gradient``)."""
 
     loss: float
     first_bad: int | None = None
     bad_loss: float | None = None
+    bad_gradient: bool = False
+
+    @property
+    def problem(self) -> str | None:
+        """What went wrong at :attr:`first_bad`, for a message that goes on "... at step N"."""
+        if self.first_bad is None:
+            return None
+        if self.bad_gradient:
+            return f"a gradient or an updated parameter became NaN or infinite (the loss was {self.bad_loss})"
+        return f"the loss became {self.bad_loss}"
+
+
+def all_finite(tensors: list) -> torch.Tensor | None:
+    """One device boolean: every tensor in ``tensors`` is finite.  One fused norm over them all
+    (``torch._foreach_norm``) and one ``isfinite``, nothing read on the host, so it can be captured.  ``None`` for no
+    tensors."""
+    if not tensors:
+        return None
+    return torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()
 
 
 class DeviceStats:
     """The step's loss and finite check on the device, updated in place inside the step (so inside a CUDA graph).
 
     ``last`` holds the last step's loss (float64), ``steps`` the number of steps taken (set with :meth:`start`),
-    ``first_bad`` the first step whose loss was not finite (``-1``: none) and ``bad_loss`` that loss.
+    ``first_bad`` the first step whose loss, gradients or updated parameters were not finite (``-1``: none),
+    ``bad_loss`` that step's loss and ``bad_gradient`` whether that loss was finite.
     """
 
     def __init__(self, device):
@@ -174,25 +176,33 @@ class DeviceStats:
         self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)
         self.steps = torch.zeros((), dtype=torch.int64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_gradient = torch.zeros((), dtype=torch.bool, device=device)
 
     def start(self, step: int) -> None:
         """Count steps from ``step`` (the resumed step) on; forget any earlier non-finite step."""
         self.steps.fill_(step)
         self.first_bad.fill_(-1)
+        self.bad_gradient.fill_(False)
 
-    def record(self, loss: torch.Tensor) -> None:
+    def record(self, loss: torch.Tensor, state_finite: torch.Tensor | None = None) -> None:
+        """Record a step's ``loss`` and ``state_finite``, the device boolean of :func:`all_finite` over its gradients
+        and updated parameters (``None``: the loss only)."""
         self.last.copy_(loss)
         self.steps.add_(1)
-        first = ~torch.isfinite(loss) & (self.first_bad < 0)
+        loss_finite = torch.isfinite(loss)
+        finite = loss_finite if state_finite is None else loss_finite & state_finite
+        first = ~finite & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(first, self.steps, self.first_bad))
         self.bad_loss.copy_(torch.where(first, loss, self.bad_loss))
+        self.bad_gradient.copy_(torch.where(first, loss_finite, self.bad_gradient))
 
     def read(self) -> StepStats:
         """Read the accumulators on the host (one device synchronisation)."""
-        last, bad_loss, first_bad = torch.stack([self.last, self.bad_loss, self.first_bad.double()]).tolist()
+        values = torch.stack([self.last, self.bad_loss, self.first_bad.double(), self.bad_gradient.double()])
+        last, bad_loss, first_bad, bad_gradient = values.tolist()
         if first_bad < 0:
             return StepStats(last)
-        return StepStats(last, int(first_bad), bad_loss)
+        return StepStats(last, int(first_bad), bad_loss, bool(bad_gradient))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,14 +213,18 @@ class GraphSafeStep:
     """One SVI step of ``model`` and ``guide`` with no host read: the interface of :meth:`pyro.infer.SVI.step`, with
     the loss left on the device.
 
-    The first step registers the parameters with Pyro and collects those its trace reaches, as ``SVI.step`` does;
-    later steps take the same parameters (the model's structure is static, as a CUDA graph needs anyway) and run
-    the networks inside :func:`~pyro_vlae.nets.without_param_registration`, which computes the same values without
-    a ``pyro.module`` statement per child module and step.
+    The first step and every step taken with Pyro's validation on register the parameters with Pyro and collect those
+    the trace reaches, as ``SVI.step`` does (a parameter first seen in such a step joins the trained set).  Later steps
+    take the collected parameters (the model's structure is static, as a CUDA graph needs anyway), run the networks
+    inside :func:`~pyro_vlae.nets.without_param_registration`, which computes the same values without a
+    ``pyro.module`` statement per child module and step, and refuse a ``pyro.param`` they have not collected: it would
+    never be trained.  After the optimiser step the gradients are zeroed as ``SVI.step`` zeroes them
+    (``pyro.infer.util.zero_grads``), so any :class:`~pyro.optim.PyroOptim` gives ``SVI.step``'s parameters.
 
     :param model: the model, called as ``model(x, kl_scale=...)``.
     :param guide: the guide, same signature.
-    :param optim: the optimiser, a :class:`~pyro_vlae.training.optim.FusedAdam` (any Pyro optimiser works eagerly).
+    :param optim: the optimiser, a :class:`~pyro.optim.PyroOptim`; a CUDA graph captures only
+        :class:`~pyro_vlae.training.optim.FusedAdam` (another optimiser's capture fails and the step stays eager).
     :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``).
     :param device: where the per-step scalars and the accumulators live.
     :param precision: ``"fp32"``, or ``"bf16"``: the networks' forward pass under a bfloat16 autocast (weights, Adam
@@ -223,6 +237,11 @@ class GraphSafeStep:
             raise ValueError(f"--elbo must be one of {sorted(ELBO_LOSSES)}, got {elbo!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if not isinstance(optim, PyroOptim):
+            raise ValueError(
+                f"optim must be a pyro.optim.PyroOptim (as pyro.infer.SVI takes), got {type(optim).__name__}; wrap "
+                "the torch optimiser in Pyro's, e.g. pyro.optim.Adam({'lr': 1e-3})"
+            )
         self.precision = precision
         self.model, self.guide, self.optim, self.elbo = model, guide, optim, elbo
         self._loss_fn = ELBO_LOSSES[elbo]
@@ -230,7 +249,8 @@ class GraphSafeStep:
         self.stats = DeviceStats(self.device)
         self.kl_scale = torch.ones((), dtype=torch.float64, device=self.device)  # float64: Pyro's float arithmetic
         self._kl_host: float | None = None
-        self.params: list | None = None  # the parameters of the first step's trace (static structure)
+        self.params: list | None = None  # the parameters collected so far (static structure after that)
+        self._names: set = set()  # their param-store names
 
     def set_kl_scale(self, kl_scale: float) -> None:
         """Copy ``kl_scale`` into the device scalar when it changed (a fill kernel, no host-to-device copy)."""
@@ -251,18 +271,31 @@ class GraphSafeStep:
         # No cast cache: a CUDA graph must not capture casts cached from an eager step.
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
+    def _collecting_loss(self, x) -> tuple:
+        """The loss with the parameters registered and traced, as ``SVI.step`` runs it; returns it and the traced
+        parameters, which join :attr:`params`."""
+        with poutine.trace(param_only=True) as traced:
+            loss, surrogate = self._loss(x)
+        sites = traced.trace.nodes
+        params = list({site["value"].unconstrained(): None for site in sites.values()})
+        self.params = list(dict.fromkeys([*(self.params or []), *params]))
+        self._names.update(sites)
+        return loss, surrogate, params
+
     def _step(self, x) -> None:
-        """Loss, backward and optimiser step (what ``SVI.step`` does), and the accumulators."""
-        if self.params is None:  # the first step: register and collect the parameters as SVI does
-            with poutine.trace(param_only=True) as capture:
+        """Loss, backward, optimiser step and zeroed gradients (what ``SVI.step`` does), and the accumulators."""
+        if self.params is None or is_validation_enabled():
+            loss, surrogate, params = self._collecting_loss(x)
+        else:  # the collected parameters: Pyro need not be told of them again
+            with without_param_registration(), _KnownParams(self._names):
                 loss, surrogate = self._loss(x)
-            self.params = list({site["value"].unconstrained() for site in capture.trace.nodes.values()})
-        else:  # the same parameters: Pyro need not be told of them again
-            with without_param_registration():
-                loss, surrogate = self._loss(x)
+            params = self.params
         (surrogate / 1).backward()  # Trace_ELBO divides by num_particles = 1
-        self.optim(self.params)  # FusedAdam leaves every gradient None, so the next backward writes fresh ones
-        self.stats.record(loss)
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norms = torch._foreach_norm(grads) if grads else []  # before the optimiser may clip or drop them
+        self.optim(params)  # FusedAdam leaves every gradient None, so the next backward writes fresh ones
+        zero_grads(params)  # what SVI.step does next; other Pyro optimisers leave the gradients to add up
+        self.stats.record(loss, all_finite([*grad_norms, *params]))
 
     def step(self, x: torch.Tensor, kl_scale: float = 1.0) -> torch.Tensor:
         """One step on the batch ``x``; returns the device tensor holding its loss (not read)."""
@@ -274,13 +307,31 @@ class GraphSafeStep:
         return self.stats.read()
 
 
+class _KnownParams(Messenger):
+    """Refuses a ``pyro.param`` statement whose name is not among ``names`` (the parameters the step trains)."""
+
+    def __init__(self, names: set):
+        super().__init__()
+        self.names = names
+
+    def _pyro_param(self, msg) -> None:
+        if msg["name"] not in self.names:
+            raise ValueError(
+                f"pyro.param {msg['name']!r} first appeared after the steps that collect the trained parameters (the "
+                "first step and those run with Pyro's validation on): the graph-safe step would never train it. "
+                "Create it in the first step, or train this model with pyro.infer.SVI"
+            )
+
+
 class GraphStep(GraphSafeStep):
     """:class:`GraphSafeStep` captured in a CUDA graph after the validated steps, replayed from then on.
 
     Steps taken while Pyro's validation is on run eagerly (validation reads tensors on the host).  The next
-    :data:`WARMUP_STEPS` run eagerly on a side stream, reading the static input buffer; the step after them is captured
-    and replayed.  Each later batch is copied into the buffer before the replay; a batch of another shape runs
-    eagerly.  A capture that fails leaves the step eager, with one warning that says why.
+    :data:`WARMUP_STEPS` run eagerly on the side stream the capture will use, reading the static input buffer; the
+    step after them is captured and replayed.  Each later batch is copied into the buffer before the replay; a batch
+    of another shape runs eagerly.  A capture that fails leaves the step eager, with one warning that says why: the
+    stream and the CUDA generator are put back as they were before it (:mod:`~pyro_vlae.training.capture`), and the
+    step it should have taken is taken eagerly, drawing the noise an eager run draws.
 
     :param warn: called once with the reason when the capture fails (default: :func:`warnings.warn`).
     """
@@ -290,6 +341,7 @@ class GraphStep(GraphSafeStep):
         self.graph = None
         self.failed: str | None = None
         self._static_x: torch.Tensor | None = None
+        self._stream = None
         self._warmed = 0
         self._warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
 
@@ -307,57 +359,30 @@ class GraphStep(GraphSafeStep):
         if self.graph is not None:
             self.graph.replay()
         elif self._warmed < WARMUP_STEPS:
-            side_stream_step(self._step, self._static_x)
+            if self._warmed == 0:
+                gc.collect()  # an earlier step's autograd graph, held by a reference cycle, must not reach the capture
+                self._stream = capture.new_stream(self.device)
+            capture.warm_up(self._step, self._static_x, self._stream)
             self._warmed += 1
         else:
             self._capture()
         return self.stats.last
 
     def _capture(self) -> None:
+        saved = capture.save(self.device)
         try:
-            self.graph = capture_graph(self._step, self._static_x, self.optim)
+            self.graph = capture.capture_graph(self._step, self._static_x, self.optim, self._stream)
         except Exception as e:  # noqa: BLE001 - any capture fault falls back to the eager step
+            capture.restore(saved)
             self.graph = None
             self.failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             self._warn(f"CUDA graph capture of the training step failed ({self.failed}); training eagerly")
-            _set_capturable(self.optim, False)
+            capture.set_capturable(self.optim, False)
             for p in self.params:  # gradients the failed capture may have left point into its memory pool
                 p.grad = None
             self._step(self._static_x)  # this step was not taken
             return
         self.graph.replay()  # the capture recorded the step without running it
-
-
-def _set_capturable(optim, on: bool) -> None:
-    capturable = getattr(optim, "capturable", None)
-    if capturable is not None:
-        capturable(on)
-
-
-def side_stream_step(fn, x) -> None:
-    """Run ``fn(x)`` on a side stream (CUDA only), as PyTorch's capture recipe warms up."""
-    if x.device.type != "cuda":
-        fn(x)
-        return
-    stream = torch.cuda.Stream(x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream):
-        fn(x)
-    torch.cuda.current_stream(x.device).wait_stream(stream)
-
-
-def capture_graph(fn, x, optim):
-    """Capture ``fn(x)`` in a :class:`torch.cuda.CUDAGraph` (the optimiser made capturable first) and return it.
-
-    The seam that tests replace to force a capture failure on a CPU.
-    """
-    if x.device.type != "cuda":
-        raise RuntimeError(f"CUDA graphs need a CUDA device; the batch is on {x.device}")
-    _set_capturable(optim, True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
-    return graph
 
 
 def make_step(

@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_vlae.presets import get_preset
+from pyro_vlae.training import capture as C
 from pyro_vlae.training import loop as T
 from pyro_vlae.training import runs as TR
 from pyro_vlae.training import step as S
@@ -278,13 +279,13 @@ def test_a_failed_capture_trains_eagerly_with_one_warning_and_the_same_parameter
     cfg, x = config("vlae", "laplace"), batch("laplace")
     calls, warnings = [], []
 
-    def failing_capture(fn, x, optim):
+    def failing_capture(fn, x, optim, stream):
         calls.append(1)
         for p in optim.optimizer.param_groups[0]["params"]:  # as a capture that failed after its backward
             p.grad = torch.full_like(p, float("nan"))
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(S, "capture_graph", failing_capture)
+    monkeypatch.setattr(C, "capture_graph", failing_capture)
     eager_losses, eager = train(cfg, x, graph_safe=True, scales=KL_SCALES * 2)
     # steps 1-2 validated, 3-5 warm-up, 6 the failed capture, then eager
     losses, state = train(cfg, x, graph_safe=True, scales=KL_SCALES * 2, graph=True, warn=warnings.append)
@@ -296,7 +297,7 @@ def test_a_failed_capture_trains_eagerly_with_one_warning_and_the_same_parameter
 
 def test_the_graph_step_takes_the_eager_steps_until_the_capture(monkeypatch):
     """Before the capture (validated steps, side-stream warm-up) the graph step is the eager step, bit for bit."""
-    monkeypatch.setattr(S, "capture_graph", lambda fn, x, optim: pytest.fail("captured before the warm-up ended"))
+    monkeypatch.setattr(C, "capture_graph", lambda *args: pytest.fail("captured before the warm-up ended"))
     cfg, x = config("hvae", "bernoulli"), batch("bernoulli")
     ref_losses, ref = train(cfg, x, graph_safe=True)
     losses, state = train(cfg, x, graph_safe=True, graph=True)  # 2 validated + 3 warm-up steps

@@ -285,37 +285,68 @@ def test_a_resumed_graph_run_reproduces_the_straight_graph_run(bundle, tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+# The forced-failure test runs in a process of its own: a capture fault that left the CUDA generator or context unusable
+# would otherwise fail every later test of this process, hiding what they test.
+IN_CHILD = "PYRO_VLAE_CUDA_TEST_CHILD"
+CHILD_HANG_S = 600  # a bound on a hang, not a speed limit
+
+
+def _in_own_process(name: str) -> bool:
+    """In the parent: run test ``name`` of this file alone in a child pytest, assert it passed, return ``False``.  In
+    that child: return ``True`` (run the test's body)."""
+    if os.environ.get(IN_CHILD) == "1":
+        return True
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", f"{__file__}::{name}"]
+    env = {**os.environ, IN_CHILD: "1"}
+    child = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=CHILD_HANG_S)
+    assert child.returncode == 0 and "1 passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    return False
+
+
 @gpu
 def test_a_real_capture_failure_falls_back_to_eager_steps_that_train():
     """A host read inside the captured region (what a synchronising op does) makes the real capture fail, not a test
-    seam: the step warns once and goes on eagerly, drawing fresh noise and moving the parameters (a CUDA generator
-    left in capture mode, as some torch versions leave it, would raise on the first eager draw instead)."""
+    seam: the step warns once and goes on eagerly with the losses of a run that never tried to capture (the generator
+    restored, so the step of the failed capture draws the eager run's noise), the default stream current again, and
+    the CUDA context still usable (a CUDA generator left in capture mode, as some torch versions leave it, would raise
+    on the first eager draw instead).  Runs in its own process."""
+    if not _in_own_process("test_a_real_capture_failure_falls_back_to_eager_steps_that_train"):
+        return
     cfg = tiny_config("vlae")
-    pyro.set_rng_seed(3)
-    model, guide, optim, _ = TR.build(cfg, CUDA)
-    warned = []
-    stepper = S.make_step(model, guide, optim, "trace", CUDA, graph=True, warn=warned.append)
-    inner = stepper._step
-
-    def syncing_step(x):
-        if torch.cuda.is_current_stream_capturing():
-            float(x.sum())  # a device-to-host read: illegal while capturing
-        inner(x)
-
-    stepper._step = syncing_step
     xs = torch.rand(S.WARMUP_STEPS + 6, 16, *cfg.model.image_shape, device=CUDA)
-    losses = []
-    with pyro.validation_enabled(False):
-        for x in xs:
-            stepper.step(x, kl_scale=0.5)
-            losses.append(stepper.read().loss)
+    runs = {}
+    for graph in (False, True):
+        pyro.set_rng_seed(3)
+        model, guide, optim, _ = TR.build(cfg, CUDA)
+        warned = []
+        stepper = S.make_step(model, guide, optim, "trace", CUDA, graph=graph, warn=warned.append)
+        inner = stepper._step
+
+        def syncing_step(x, inner=inner):
+            if torch.cuda.is_current_stream_capturing():
+                float(x.sum())  # a device-to-host read: illegal while capturing
+            inner(x)
+
+        stepper._step = syncing_step
+        losses = []
+        with full_float32(), pyro.validation_enabled(False):
+            for x in xs:
+                stepper.step(x, kl_scale=0.5)
+                losses.append(stepper.read().loss)
+        runs[graph] = losses, stepper, warned
+    losses, stepper, warned = runs[True]
     assert stepper.graph is None and stepper.failed and len(warned) == 1, warned
+    assert torch.cuda.current_stream(CUDA) == torch.cuda.default_stream(CUDA), "the capture stream was left current"
     before = [p.detach().clone() for p in stepper.params]
     with pyro.validation_enabled(False):
         for x in xs[:3]:
             stepper.step(x, kl_scale=0.5)
     assert all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, stepper.params)), "eager steps did not train"
+    assert_close_losses(losses, runs[False][0], rtol=1e-5)
+    torch.randn(4, device=CUDA).sum().item()  # a fresh draw and a host read: the context is usable
+    torch.cuda.synchronize()
 
 
 @gpu

@@ -87,19 +87,31 @@ def save_executed(executed, skip: int = 0) -> str:
     return EXECUTED
 
 
+def stored_execution():
+    """The stored execution of the tutorial if it belongs to this tree (same digest, same code cells), else ``None``.
+
+    Needs only nbformat, so the test suite checks it without the docs extra's jupyter-cache.
+    """
+    import nbformat
+
+    if not os.path.exists(EXECUTED):
+        return None
+    executed = nbformat.read(EXECUTED, as_version=4)
+    if executed.metadata.pop(DIGEST_KEY, None) != source_digest():
+        return None
+    source = nbformat.read(NOTEBOOK, as_version=4)
+    if [(c.source, c.metadata) for c in _code_cells(executed)] != [(c.source, c.metadata) for c in _code_cells(source)]:
+        return None
+    return executed
+
+
 def load_into_cache(cache: str) -> bool:
     """Put the stored execution into the jupyter-cache at ``cache`` if it belongs to this tree; say whether it did."""
-    import nbformat
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
-    if not os.path.exists(EXECUTED):
-        return False
-    executed = nbformat.read(EXECUTED, as_version=4)
-    if executed.metadata.pop(DIGEST_KEY, None) != source_digest():
-        return False
-    source = nbformat.read(NOTEBOOK, as_version=4)
-    if [(c.source, c.metadata) for c in _code_cells(executed)] != [(c.source, c.metadata) for c in _code_cells(source)]:
+    executed = stored_execution()
+    if executed is None:
         return False
     bundle = CacheBundleIn(executed, NOTEBOOK, data={"shared_from": "tests/test_tutorial.py"})
     get_cache(cache).cache_notebook_bundle(bundle, check_validity=False, overwrite=True)

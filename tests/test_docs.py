@@ -121,3 +121,50 @@ def test_shared_execution_refuses_other_code(shared):
     next(c for c in shared.cells if c.cell_type == "code" and "pv." in c.source).source += "\nprint('edited')"
     with pytest.raises(ValueError, match="differ"):
         notebook_cache.save_executed(shared, skip=1)
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    """A small copy of the tree's layout (notebook, ``pyro_vlae/`` with a shipped file, ``models/``, ``guides/``) that
+    ``notebook_cache`` reads instead of the shared working copy, so edits here change nothing but this copy."""
+    for folder in ("pyro_vlae/pretrained", "models", "guides", "docs"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "pyro_vlae" / "__init__.py").write_text("x = 1\n")
+    (tmp_path / "pyro_vlae" / "pretrained" / "vlae-mnist.pt").write_bytes(b"weights")
+    (tmp_path / "models" / "vlae.py").write_text("y = 2\n")
+    (tmp_path / "guides" / "vlae.py").write_text("z = 3\n")
+    notebook = tmp_path / "docs" / "tutorial.ipynb"
+    notebook.write_text(pathlib.Path(notebook_cache.NOTEBOOK).read_text())
+    monkeypatch.setattr(notebook_cache, "ROOT", str(tmp_path))
+    monkeypatch.setattr(notebook_cache, "NOTEBOOK", str(notebook))
+    monkeypatch.setattr(notebook_cache, "BUILD", str(tmp_path / "docs" / "_build"))
+    monkeypatch.setattr(notebook_cache, "EXECUTED", str(tmp_path / "docs" / "_build" / "tutorial.executed.ipynb"))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["pyro_vlae/__init__.py", "pyro_vlae/pretrained/vlae-mnist.pt", "models/vlae.py", "guides/vlae.py"]
+    + ["docs/tutorial.ipynb"],
+    ids=["package", "shipped-weights", "models", "guides", "notebook"],
+)
+def test_source_digest_changes_with_every_file_the_outputs_depend_on(tree, edit):
+    before = notebook_cache.source_digest()
+    with open(tree / edit, "ab") as f:
+        f.write(b"\n")
+    assert notebook_cache.source_digest() != before, f"editing {edit} must change the digest"
+
+
+def test_source_digest_ignores_bytecode(tree):
+    before = notebook_cache.source_digest()
+    (tree / "pyro_vlae" / "__pycache__").mkdir()
+    (tree / "pyro_vlae" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert notebook_cache.source_digest() == before
+
+
+def test_stored_execution_is_refused_after_a_package_file_changes(tree, shared):
+    """The real digest, no stub: an execution saved before an edit to the package is not this tree's any more."""
+    notebook_cache.save_executed(shared, skip=1)
+    assert notebook_cache.stored_execution() is not None
+    (tree / "pyro_vlae" / "__init__.py").write_text("x = 2\n")
+    assert notebook_cache.stored_execution() is None

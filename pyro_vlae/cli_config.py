@@ -1,15 +1,17 @@
 """The command line's flags and how they become a :class:`~pyro_vlae.training.runs.RunConfig`.
 
 ``build_parser`` declares the flags of ``python -m pyro_vlae.run``; ``config_from_args`` turns them into a new run's
-config; on ``--resume``, ``resume_conflicts`` lists the flags that contradict the saved run, ``forced_config`` applies
-only the flags given over it (``--force-config``) and ``check_weights_fit`` refuses a config whose weights would not fit
-the checkpoint before anything is written.
+config, with a new run id; on ``--resume``, ``resume_conflicts`` lists the flags that contradict the saved run,
+``forced_config`` applies only the flags given over it (``--force-config``), ``check_weights_fit`` refuses a config
+whose weights would not fit the checkpoint before anything is written, and ``apply_schedule_flags`` takes the flags
+that change when to stop, log and checkpoint, which need no force.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import torch
 
@@ -19,7 +21,15 @@ from .guides import GUIDES
 from .nets import LIKELIHOODS
 from .training.annealing import SCHEDULE_HELP, KLSchedule
 from .training.checkpoint import CheckpointError
-from .training.runs import MEANFIELD_MODELS, RunConfig, build, check_settings, load_weights, resolve_device
+from .training.runs import (
+    MEANFIELD_MODELS,
+    RunConfig,
+    build,
+    check_settings,
+    load_weights,
+    new_run_id,
+    resolve_device,
+)
 from .training.step import CUDA_GRAPH_MODES, PRECISIONS, use_cuda_graph
 
 
@@ -51,14 +61,23 @@ def _device(text):
     return text
 
 
-def _positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
+def _float_where(ok, what: str):
+    """An argparse type: a number for which ``ok`` holds, described by ``what``."""
+
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_float = _float_where(lambda v: v > 0, "> 0")
+_nonnegative_float = _float_where(lambda v: 0 <= v < math.inf, ">= 0 and finite")
 
 
 def _latent_dims(text):
@@ -151,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visualize-only", metavar="RUN_DIR", help="only (re)write the figures of a trained run")
     p.add_argument("--log-every", type=_positive_int, help="steps between metrics.jsonl lines")
     p.add_argument("--checkpoint-every", type=_positive_int, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-seconds",
+        type=_nonnegative_float,
+        metavar="S",
+        help="also checkpoint once S seconds of wall time have passed since the last checkpoint, so that a crash "
+        "loses at most about S seconds of training (0: off; default: off)",
+    )
     p.add_argument("--keep-every", type=_nonnegative_int, help="also keep checkpoints/step<k>.pt every this many steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -187,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FLAGS = ("likelihood", "latent_dims", "obs_scale", "beta", "noise_injection")
 TRAIN_FLAGS = (
     "num_steps", "batch_size", "lr", "anneal", "elbo", "log_every", "checkpoint_every", "fade_in", "keep_every",
-    "cuda_graph", "tf32", "precision",
+    "cuda_graph", "tf32", "precision", "checkpoint_seconds",
 )  # fmt: skip
+#: Train flags that change when a run stops, logs and checkpoints, not what it computes: a resume takes them as given.
+SCHEDULE_FLAGS = ("num_steps", "log_every", "checkpoint_every", "keep_every", "checkpoint_seconds")
 
 
 def _overrides(args) -> tuple:
@@ -240,7 +268,9 @@ def config_from_args(args, image_shape, cuda: bool) -> RunConfig:
     model = dataclasses.replace(preset.model, **model_over)
     train = dataclasses.replace(preset.train, **train_over)
     P.check_image_shape(model, image_shape, args.dataset)
-    config = RunConfig(args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir)
+    config = RunConfig(
+        args.model, args.dataset, preset.name, model, train, args.seed, args.data_dir, run_id=new_run_id()
+    )
     return _checked(config, args, from_preset=True)
 
 
@@ -268,8 +298,18 @@ def forced_config(args, saved: RunConfig, cuda: bool) -> RunConfig:
         saved.seed,
         saved.data_dir,
         dict(saved.extra),
+        run_id=saved.run_id,
     )
     return _checked(config, args, from_preset=False)
+
+
+def apply_schedule_flags(args, config: RunConfig) -> RunConfig:
+    """On a resume: the flags of :data:`SCHEDULE_FLAGS` given on the command line replace the saved settings (they
+    change no step's numbers, so they need no ``--force-config``)."""
+    over = {f: getattr(args, f) for f in SCHEDULE_FLAGS if getattr(args, f, None) is not None}
+    if over:
+        config.train = dataclasses.replace(config.train, **over)
+    return config
 
 
 def check_weights_fit(config: RunConfig, state: dict) -> None:

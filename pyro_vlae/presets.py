@@ -27,6 +27,9 @@ class TrainConfig:
     :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``, analytic KLs).
     :param log_every: steps between ``metrics.jsonl`` lines.
     :param checkpoint_every: steps between checkpoints (one is always written at the end).
+    :param checkpoint_seconds: also write a checkpoint once this many seconds of wall time have passed since the last
+        one (0: off), so that a crash or a kill at any minute still leaves recent weights.  Read from a host clock:
+        the step count and this time are checked between steps without reading the device.
     :param keep_every: steps between checkpoints kept as ``step<k>.pt`` besides ``latest.pt`` (0: none).
     :param fade_in: VLAE only: steps per layer of the progressive fade-in of lower layers (0: off), see
         :func:`pyro_vlae.training.annealing.ladder_gains`.
@@ -44,6 +47,7 @@ class TrainConfig:
     elbo: str = "trace"
     log_every: int = 50
     checkpoint_every: int = 1000
+    checkpoint_seconds: float = 0.0
     keep_every: int = 0
     fade_in: int = 0
     cuda_graph: str = "auto"

@@ -22,6 +22,7 @@ import torch
 
 from . import presets as P
 from .cli_config import (
+    apply_schedule_flags,
     build_parser,
     check_flags,
     check_weights_fit,
@@ -43,7 +44,15 @@ from .training.checkpoint import (
 )
 from .training.loop import TrainingDiverged, evaluate_elbo, fit
 from .training.progress import truncate_metrics
-from .training.runs import RunConfig, check_objective, check_run_identity, load_run, resolve_device, write_config
+from .training.runs import (
+    RunConfig,
+    check_objective,
+    check_run_identity,
+    load_run,
+    new_run_id,
+    resolve_device,
+    write_config,
+)
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -100,6 +109,34 @@ def visualize(run_dir: str, device="cpu", log=print) -> list:
     return write_figures(run_dir, model, guide, config, _test_images(bundle).to(device), log=log)
 
 
+def resumed_config(args, resume: dict, cuda: bool) -> RunConfig:
+    """The config to continue the run ``args.resume`` with, from its loaded checkpoint ``resume``: refused (before any
+    data is read or file written) when the checkpoint belongs to another run, when flags contradict the saved run
+    without ``--force-config``, or when the result is not a valid objective.
+
+    :raises ValueError: naming the problem and the fix.
+    """
+    config = saved_config(resume)
+    check_run_identity(args.resume, config)
+    conflicts = resume_conflicts(args, config)
+    if conflicts and not args.force_config:
+        raise ValueError(
+            f"refusing to resume {args.resume}: {'; '.join(conflicts)}. Drop those flags, or pass "
+            "--force-config to override the saved configuration"
+        )
+    if conflicts:
+        config = forced_config(args, config, cuda)
+        check_weights_fit(config, resume)
+    apply_schedule_flags(args, config)
+    try:
+        check_objective(config)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot resume {args.resume}: {e}, and pass --force-config to change the saved setting"
+        ) from None
+    return config
+
+
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (a list of strings, default ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
@@ -117,25 +154,10 @@ def main(argv=None) -> int:
             return 0
         resume = None
         if args.resume:
-            resume = load_checkpoint(os.path.join(args.resume, "checkpoints", "latest.pt"))
-            config = saved_config(resume)
-            check_run_identity(args.resume, config)  # before any data is read or file written
-            conflicts = resume_conflicts(args, config)
-            if conflicts and not args.force_config:
-                return _fail(
-                    f"refusing to resume {args.resume}: {'; '.join(conflicts)}. Drop those flags, or pass "
-                    "--force-config to override the saved configuration"
-                )
-            if conflicts:
-                config = forced_config(args, config, device.type == "cuda")
-                check_weights_fit(config, resume)
-            if args.num_steps:
-                config.train.num_steps = args.num_steps
-            try:  # before any data is read or file written
-                check_objective(config)
-            except ValueError as e:
-                return _fail(f"cannot resume {args.resume}: {e}, and pass --force-config to change the saved setting")
             run_dir = args.resume
+            latest = os.path.join(run_dir, "checkpoints", "latest.pt")
+            if not os.path.isfile(latest):
+                load_checkpoint(latest)  # raises the error that says there is no checkpoint, before anything is written
         else:
             args.model, args.dataset = args.model or "vlae", args.dataset or "mnist"
             check_flags(args.model, args)  # before any data is read
@@ -154,6 +176,7 @@ def main(argv=None) -> int:
                 shapes3d_size=P.get_preset(preset_name).model.image_shape[-1] if args.dataset == "shapes3d" else 64,
             )
             config = config_from_args(args, bundle_probe.image_shape, cuda)
+            config.run_id = par.broadcast(config.run_id)  # rank 0's, as for the run folder
             if args.epochs:
                 config.train.num_steps = args.epochs * (
                     len(bundle_probe.train) // (config.train.batch_size * par.world_size)
@@ -162,19 +185,24 @@ def main(argv=None) -> int:
             run_dir = par.broadcast(
                 args.run_dir or os.path.join(args.runs_root, f"{args.model}_{args.dataset}_seed{args.seed}_{stamp}")
             )
-        if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
-            return _fail(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --run-dir"
-            )
-        D.note_in_config(config, par, args.sync_batch_norm, resuming=bool(args.resume))
+            if os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt")):
+                return _fail(
+                    f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --run-dir"
+                )
         if par.is_lead:  # only rank 0 writes
             _check_writable(run_dir)
         with RunLock(run_dir) if par.is_lead else contextlib.nullcontext():
+            if args.resume:  # read under the lock: no other process is writing it, and nothing is written until it fits
+                resume = load_checkpoint(os.path.join(run_dir, "checkpoints", "latest.pt"))
+                config = resumed_config(args, resume, device.type == "cuda")
+            D.note_in_config(config, par, args.sync_batch_norm, resuming=bool(args.resume))
             bundle = bundle_probe if not args.resume else _data(config, args)
             if args.resume:  # a forced change of dataset must still match the network
                 P.check_image_shape(config.model, bundle.image_shape, config.dataset)
             if args.resume and par.is_lead:
                 truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(resume["step"]))
+            if not config.run_id:  # a run saved before run ids gets its identity now (every rank, the same)
+                config.run_id = par.broadcast(new_run_id())
             if par.is_lead:
                 argv_ = sys.argv if argv is None else ["python", "-m", "pyro_vlae.run", *argv]
                 write_config(run_dir, config, argv=argv_)

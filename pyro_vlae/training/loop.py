@@ -3,7 +3,8 @@
 :class:`~pyro_vlae.training.batches.Batches` reads a step's images, :func:`set_fade_in` sets the VLAE's ladder gains,
 :func:`train_step` takes one SVI step (:mod:`pyro_vlae.training.step`: no host read, eager or in a CUDA graph),
 :func:`read_loss` reads its device accumulators and stops on a NaN, :class:`StepLog` writes one record to
-``metrics.jsonl`` and :func:`save_run_checkpoint` writes ``checkpoints/latest.pt`` atomically.  :func:`fit` strings them
+``metrics.jsonl`` and :func:`write_checkpoint` writes ``checkpoints/latest.pt`` atomically, every ``checkpoint_every``
+steps and every ``checkpoint_seconds`` of wall time, and never a state that is not finite.  :func:`fit` strings them
 together with deterministic data order (so a resumed run continues exactly) and SIGINT/SIGTERM handling.  Under
 torchrun the same loop trains data-parallel through :mod:`pyro_vlae.training.distributed`, with only rank 0 writing.
 """
@@ -26,12 +27,15 @@ from .annealing import KLSchedule, ladder_gains
 from .batches import Batches, BatchOrder, fetch_batch  # noqa: F401  (re-exported)
 from .checkpoint import set_rng_state
 from .progress import layer_kls, log_record, open_tensorboard, postfix
-from .runs import RunConfig, build, check_objective, load_weights, save_run_checkpoint
+from .runs import NonFiniteStateError, RunConfig, build, check_objective, load_weights, save_run_checkpoint
 from .step import make_step, tf32, use_cuda_graph
+
+#: The host clock of the wall-time checkpoints (a seam for tests).
+monotonic = time.monotonic
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left intact."""
+    """The loss, or the state to checkpoint, became NaN or infinite; the last good checkpoint is left intact."""
 
 
 def train_step(stepper, x: torch.Tensor, kl_scale: float):
@@ -156,12 +160,41 @@ def check_loss(loss, step: int, last_good: str | None) -> None:
         raise diverged(loss, step + 1, last_good)
 
 
-def diverged(loss, step: int, last_good: str | None) -> TrainingDiverged:
+def diverged(loss, step: int, last_good: str | None, what: str = "") -> TrainingDiverged:
+    """The error of a run stopped at ``step``: by a NaN or infinite ``loss``, or by the state ``what`` describes."""
     return TrainingDiverged(
-        f"the loss became {loss} at step {step}; training stopped. The last good checkpoint is "
+        f"{what or f'the loss became {loss} at step {step}'}; training stopped. The last good checkpoint is "
         f"{last_good or 'none (no checkpoint was written before this step)'} and was left intact. "
         "Lower --lr, or check the data for extreme values, then --resume from that checkpoint."
     )
+
+
+def write_checkpoint(run_dir: str, model, guide, optim, step: int, config: RunConfig, par, last_good, keep=False):
+    """Save the run's checkpoint of ``step`` on the lead rank (:func:`~pyro_vlae.training.runs.save_run_checkpoint`,
+    atomic); returns the path of ``latest.pt``.
+
+    :raises TrainingDiverged: on every rank, when a weight, buffer or optimiser state is not finite (a gradient that
+        overflowed while the loss stayed finite); nothing is written and ``last_good`` is named.
+    """
+    path, bad = os.path.join(run_dir, "checkpoints", "latest.pt"), None
+    if par.is_lead:
+        try:
+            path = save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+        except NonFiniteStateError as e:
+            bad = e
+    if par.any(bad is not None):
+        what = str(bad) if bad is not None else f"the training state is not finite at step {step} on the lead rank"
+        raise diverged(None, step, last_good, what=f"{what}, so its checkpoint was not written")
+    return path
+
+
+def poll(par, stop, wall_due: bool) -> tuple:
+    """``(interrupted, wall-time checkpoint due)``, the same on every rank: one collective per step, as for the stop
+    signal alone, and a second only on a step where either is set."""
+    if not par.any(stop.raised or wall_due):
+        return False, False
+    interrupted = par.any(stop.raised)
+    return interrupted, not interrupted
 
 
 def read_loss(stepper, loss, last_good: str | None) -> float:
@@ -265,10 +298,14 @@ def fit(
     passed it; ``validate_all`` keeps it on (it is never switched on if it was off).  The step reads nothing on the
     host: its loss and a finite check are read every ``log_every`` steps and before every checkpoint, so a NaN loss
     stops the run at the next of those, naming the step where it appeared, and no checkpoint is written after it.
+    Every checkpoint (periodic, interrupt, final) also checks that the state it holds is finite.  Checkpoints come
+    every ``checkpoint_every`` steps and, when ``checkpoint_seconds`` is set, once that much wall time has passed
+    since the last one (a host clock read between steps; the device is read only when one is due).
     On CUDA the step is captured in a CUDA graph after the validated steps (``config.train.cuda_graph``) and matrix
     products use TF32 unless ``config.train.tf32`` is off.
 
-    :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step).
+    :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step), or the
+        state of a checkpoint is not (that checkpoint is not written).
     :raises ValueError: for settings :func:`~pyro_vlae.training.runs.check_objective` refuses.
     """
     from tqdm.auto import tqdm
@@ -290,6 +327,7 @@ def fit(
         metrics_path = os.path.join(run_dir, "metrics.jsonl") if par.is_lead else os.devnull
         with open(metrics_path, "a" if par.is_lead else "w") as metrics:
             steplog = StepLog(metrics, writer, tc.log_every, tc.num_steps, par.is_lead)
+            wall_at = monotonic() + tc.checkpoint_seconds
             try:
                 gains = set_fade_in(model, config, step)  # also resets the gains of a resumed earlier schedule
                 while step < tc.num_steps:
@@ -308,21 +346,22 @@ def fit(
                     if steplog.due(step):  # the loss is summed over all ranks' images; KLs on rank 0's shard
                         value = read_loss(stepper, loss, last_good) / par.world_size
                         bar.set_postfix(postfix(steplog.write(model, guide, x, step, value, kl_scale)), refresh=False)
-                    interrupted = par.any(stop.raised)
-                    if interrupted or step == tc.num_steps or step % tc.checkpoint_every == 0:
+                    wall_due = tc.checkpoint_seconds > 0 and monotonic() >= wall_at  # a host clock only
+                    interrupted, wall_due = poll(par, stop, wall_due)
+                    periodic = step < tc.num_steps and (step % tc.checkpoint_every == 0 or wall_due)
+                    if interrupted or periodic or step == tc.num_steps:
                         read_loss(stepper, loss, last_good)  # no checkpoint after a NaN
                     if interrupted:
                         break
-                    if step % tc.checkpoint_every == 0 and step < tc.num_steps:
-                        last_good = ckpt_path
-                        if par.is_lead:
-                            keep = bool(tc.keep_every) and step % tc.keep_every == 0
-                            save_run_checkpoint(run_dir, model, guide, optim, step, config, keep=keep)
+                    if periodic:
+                        keep = bool(tc.keep_every) and step % tc.keep_every == 0
+                        write_checkpoint(run_dir, model, guide, optim, step, config, par, last_good, keep=keep)
+                        last_good, wall_at = ckpt_path, monotonic() + tc.checkpoint_seconds
             finally:
                 bar.close()
         if writer is not None:
             writer.close()
-        path = save_run_checkpoint(run_dir, model, guide, optim, step, config) if par.is_lead else ckpt_path
+        path = write_checkpoint(run_dir, model, guide, optim, step, config, par, last_good)
         if interrupted and par.is_lead:
             log(f"interrupted at step {step}: checkpoint written to {path}; continue with --resume {run_dir}")
         signum = 0

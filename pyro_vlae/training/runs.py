@@ -1,12 +1,13 @@
 """A run's identity and its checkpoints: :class:`RunConfig`, :func:`build` (model, guide, optimiser, SVI),
-:func:`save_run_checkpoint`, :func:`load_weights` and :func:`load_run`; :func:`check_objective` refuses settings under
-which training would not optimise the ELBO the user asked for, and :func:`check_run_identity` a checkpoint that belongs
-to another run.
+:func:`save_run_checkpoint` (which never writes a state that is not finite), :func:`load_weights` and
+:func:`load_run`; :func:`check_objective` refuses settings under which training would not optimise the ELBO the user
+asked for, and :func:`check_run_identity` a checkpoint that belongs to another run.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 
 import pyro
@@ -34,6 +35,9 @@ class RunConfig:
     seed: int = 0
     data_dir: str = "data"
     extra: dict = field(default_factory=dict)
+    #: Made once when the run is created (:func:`new_run_id`) and kept by every resume: a checkpoint whose id differs
+    #: from its folder's ``config.json`` belongs to another run.  ``""`` for runs saved before ids existed.
+    run_id: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +49,7 @@ class RunConfig:
             "seed": self.seed,
             "data_dir": self.data_dir,
             "extra": dict(self.extra),
+            "run_id": self.run_id,
         }
 
     @classmethod
@@ -59,7 +64,14 @@ class RunConfig:
             seed=int(d.get("seed", 0)),
             data_dir=d.get("data_dir", "data"),
             extra=dict(d.get("extra", {})),
+            run_id=str(d.get("run_id") or ""),
         )
+
+
+def new_run_id() -> str:
+    """A fresh run identity: 16 random hexadecimal digits (not drawn from the seeded generators, so two runs with the
+    same seed still differ)."""
+    return secrets.token_hex(8)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -140,8 +152,51 @@ def build(config: RunConfig, device) -> tuple:
     return model, guide, optim, svi
 
 
+class NonFiniteStateError(ValueError):
+    """A checkpoint was not written because a weight, buffer or optimiser state holds NaN or infinity."""
+
+    def __init__(self, step: int, names: list):
+        self.step, self.names = int(step), list(names)
+        shown = ", ".join(self.names[:5]) + (f" and {len(self.names) - 5} more" if len(self.names) > 5 else "")
+        super().__init__(f"the training state is not finite at step {step} (NaN or infinity in {shown})")
+
+
+def _floating_tensors(obj, prefix: str = ""):
+    """``(name, tensor)`` for each floating-point tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        if obj.is_floating_point() or obj.is_complex():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floating_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floating_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def nonfinite_entries(state: dict) -> list:
+    """Names of the floating-point tensors in ``state`` (nested dicts and lists) that hold a NaN or an infinity.
+
+    The flags are computed on each tensor's device and read once per device: one host read for a checkpoint, which
+    reads every tensor anyway.
+    """
+    named = list(_floating_tensors(state))
+    by_device: dict = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    bad = set()
+    for idx in by_device.values():
+        flags = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).tolist()
+        bad.update(i for i, ok in zip(idx, flags) if not ok)
+    return [named[i][0] for i in sorted(bad)]
+
+
 def save_run_checkpoint(run_dir: str, model, guide, optim, step: int, config: RunConfig, keep: bool = False) -> str:
-    """Write ``checkpoints/latest.pt`` (and ``step<k>.pt`` when ``keep``) atomically; returns the path."""
+    """Write ``checkpoints/latest.pt`` (and ``step<k>.pt`` when ``keep``) atomically; returns the path.
+
+    :raises NonFiniteStateError: when a parameter, buffer or optimiser-state tensor is not finite; nothing is written,
+        so the previous checkpoint stays as it was.
+    """
     state = {
         "model": model.state_dict(),
         "guide": guide.state_dict(),
@@ -151,6 +206,9 @@ def save_run_checkpoint(run_dir: str, model, guide, optim, step: int, config: Ru
         "config": config.to_dict(),
         "format": 1,
     }
+    bad = nonfinite_entries({k: state[k] for k in ("model", "guide", "optim")})
+    if bad:
+        raise NonFiniteStateError(step, bad)
     folder = os.path.join(run_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "latest.pt")
@@ -189,24 +247,45 @@ def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
     return model, guide, config, state
 
 
-def check_run_identity(run_dir: str, config: RunConfig, checkpoint: str = "checkpoints/latest.pt") -> None:
-    """Refuse to resume a checkpoint of another run: one whose model kind, dataset or latent sizes differ from the run
-    folder's ``config.json`` (a checkpoint copied in from elsewhere would otherwise train on under the wrong name).
-    A folder without a readable ``config.json`` (runs older than it) is not checked.
+def identity_differences(saved: dict, config: RunConfig) -> list:
+    """How the checkpoint's ``config`` differs from its folder's ``config.json`` (``saved``) as another run would.
 
-    :param config: the configuration saved in the checkpoint.
-    :raises ValueError: naming each difference and the fix.
+    The same run id on both sides is the same run: nothing differs, whatever a ``--force-config`` resume changed.
+    Otherwise (two ids, or a side saved before ids existed) the model kind, dataset and latent sizes are compared,
+    and the likelihood, seed and learning rate where ``config.json`` has them; two different ids lead the list.
     """
-    saved = read_json_dict(os.path.join(run_dir, "config.json"))
-    if not saved:
-        return
+    ours, theirs = str(saved.get("run_id") or ""), config.run_id
+    if ours and ours == theirs:
+        return []
     model = saved.get("model") if isinstance(saved.get("model"), dict) else {}
-    pairs = {
+    train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    always = {
         "model kind": (config.model_kind, saved.get("model_kind")),
         "dataset": (config.dataset, saved.get("dataset")),
         "latent sizes": (list(config.model.latent_dims), model.get("latent_dims")),
     }
+    present = {
+        "likelihood": (config.model.likelihood, model.get("likelihood")),
+        "seed": (config.seed, saved.get("seed")),
+        "lr": (config.train.lr, train.get("lr")),
+    }
+    pairs = {**always, **{k: v for k, v in present.items() if v[1] is not None}}
     diffs = [f"{k} {ck} in the checkpoint, {rk} in config.json" for k, (ck, rk) in pairs.items() if ck != rk]
+    if ours and theirs:
+        diffs.insert(0, f"run id {theirs} in the checkpoint, {ours} in config.json")
+    return diffs
+
+
+def check_run_identity(run_dir: str, config: RunConfig, checkpoint: str = "checkpoints/latest.pt") -> None:
+    """Refuse to resume a checkpoint of another run (a checkpoint copied in from elsewhere would otherwise train on
+    under this run's name, and its settings would replace this run's ``config.json``): see
+    :func:`identity_differences`.  A folder without a readable ``config.json`` (runs older than it) is not checked.
+
+    :param config: the configuration saved in the checkpoint.
+    :raises ValueError: naming each difference (both run ids first) and the fix.
+    """
+    saved = read_json_dict(os.path.join(run_dir, "config.json"))
+    diffs = identity_differences(saved, config) if saved else []
     if diffs:
         raise ValueError(
             f"refusing to resume {run_dir}: its checkpoint {os.path.join(run_dir, checkpoint)} belongs to another run "

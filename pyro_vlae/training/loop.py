@@ -201,13 +201,15 @@ def read_loss(stepper, loss, last_good: str | None) -> float:
     """The loss of the last step on the host: ``loss`` itself when it is a float (checked when it was returned), else
     read from the step's device accumulators (:meth:`~pyro_vlae.training.step.GraphSafeStep.read`).
 
-    :raises TrainingDiverged: when a step since the start had a NaN or infinite loss, naming the first.
+    :raises TrainingDiverged: when a step since the start was not finite (its loss, or where the step checks them, its
+        gradients or updated parameters), naming the first and what went wrong there.
     """
     if not torch.is_tensor(loss):
         return float(loss)
     stats = stepper.read()
     if stats.first_bad is not None:
-        raise diverged(stats.bad_loss, stats.first_bad, last_good)
+        problem = getattr(stats, "problem", None) or f"the loss became {stats.bad_loss}"
+        raise diverged(stats.bad_loss, stats.first_bad, last_good, what=f"{problem} at step {stats.first_bad}")
     return stats.loss
 
 

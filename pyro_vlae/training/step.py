@@ -5,10 +5,10 @@ r"""The SVI training step as tensors: Pyro's ELBO without host reads, eager or c
 traces the guide and replays the model against it with Pyro's handlers (``get_importance_trace``, as ``Trace_ELBO``
 does), sums the scaled ``log_prob_sum`` terms into a loss *tensor* exactly as
 ``Trace_ELBO._differentiable_loss_particle`` does (or the closed-form KLs of ``TraceMeanField_ELBO`` for
-``elbo="meanfield"``), back-propagates and steps the optimiser.  The per-step KL scale is a device tensor changed in
-place (``fill_``), and the loss of the step and a finite flag (the loss, the gradients and the updated parameters) are
-kept in device accumulators (:class:`DeviceStats`) that :meth:`GraphSafeStep.read` reads when the caller chooses (every
-``log_every`` steps and before every checkpoint in :func:`~pyro_vlae.training.loop.fit`).
+``elbo="meanfield"``; :mod:`~pyro_vlae.training.elbo`), back-propagates and steps the optimiser.  The per-step KL scale
+is a device tensor changed in place (``fill_``), and the loss of the step and a finite flag (the loss, the gradients and
+the updated parameters) are kept in device accumulators (:class:`DeviceStats`) that :meth:`GraphSafeStep.read` reads
+when the caller chooses (every ``log_every`` steps and before every checkpoint in :func:`~pyro_vlae.training.loop.fit`).
 
 The step is bit-identical to ``SVI.step`` with the same ELBO and optimiser (:class:`~pyro_vlae.training.optim.FusedAdam`
 or any :class:`~pyro.optim.PyroOptim`): the same operations in the same order (``tests/training/test_step.py`` compares
@@ -48,85 +48,19 @@ from dataclasses import dataclass
 
 import torch
 from pyro import poutine
-from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled, zero_grads
 from pyro.optim import PyroOptim
 from pyro.poutine.messenger import Messenger
-from torch.distributions import kl_divergence
 
 from ..nets import without_param_registration
 from . import capture
-from .capture import CUDA_GRAPH_MODES, tf32, use_cuda_graph  # noqa: F401 - the loop imports them from here
+from .capture import CUDA_GRAPH_MODES, tf32, use_cuda_graph  # noqa: F401 - the loop and the CLI import them from here
+from .elbo import ELBO_LOSSES
 
 #: Real steps run eagerly on a side stream before the capture (PyTorch's whole-network capture recipe).
 WARMUP_STEPS = 3
 PRECISIONS = ("fp32", "bf16")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The loss, as Pyro's ELBOs compute it, with no host read.
-
-
-def trace_elbo_loss(model_trace, guide_trace) -> tuple:
-    """``(loss, surrogate)`` of ``Trace_ELBO._differentiable_loss_particle`` for reparameterised guides.
-
-    ``surrogate`` is the tensor Pyro back-propagates, built by the same operations in the same order.  ``loss`` is
-    Pyro's reported value, the sum of the sites' ``log_prob_sum`` in double precision in the same order (Pyro sums
-    their ``.item()`` floats), but kept on the device.
-    """
-    elbo, surrogate = 0, 0
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            elbo = elbo + site["log_prob_sum"].detach().double()
-            surrogate = surrogate + site["log_prob_sum"]
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample":
-            _refuse_score_function(name, site)
-            _, _, entropy_term = site["score_parts"]
-            elbo = elbo - site["log_prob_sum"].detach().double()
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-    return -elbo, -surrogate
-
-
-def _refuse_score_function(name: str, site: dict) -> None:
-    """A guide site that is not reparameterised needs a score-function term, which neither loss builds."""
-    if not is_identically_zero(site["score_parts"].score_function):
-        raise ValueError(
-            f"guide site {name!r} is not reparameterised; the graph-safe step supports reparameterised guides only "
-            "(train it with pyro.infer.SVI and Trace_ELBO, or make the site reparameterisable)"
-        )
-
-
-def meanfield_elbo_loss(model_trace, guide_trace) -> tuple:
-    """``(loss, surrogate)`` of ``TraceMeanField_ELBO._differentiable_loss_particle``: closed-form KLs where torch has
-    them, Pyro's log-ratio otherwise, in the same order.  A guide site that is not reparameterised is refused, with
-    Pyro's validation on or off (its closed-form KL is right, but the model's terms would lose its score function)."""
-    for name, guide_site in guide_trace.nodes.items():
-        if guide_site["type"] == "sample":
-            _refuse_score_function(name, guide_site)
-    elbo = 0
-    for name, model_site in model_trace.nodes.items():
-        if model_site["type"] != "sample":
-            continue
-        if model_site["is_observed"]:
-            elbo = elbo + model_site["log_prob_sum"]
-            continue
-        guide_site = guide_trace.nodes[name]
-        try:
-            kl = kl_divergence(guide_site["fn"], model_site["fn"])
-            kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
-            elbo = elbo - kl.sum()
-        except NotImplementedError:
-            elbo = elbo + model_site["log_prob_sum"] - guide_site["score_parts"].entropy_term.sum()
-    for name, guide_site in guide_trace.nodes.items():
-        if guide_site["type"] == "sample" and name not in model_trace.nodes:
-            elbo = elbo - guide_site["score_parts"].entropy_term.sum()
-    return -elbo.detach().double(), -elbo
-
-
-ELBO_LOSSES = {"trace": trace_elbo_loss, "meanfield": meanfield_elbo_loss}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,8 +206,7 @@ class GraphSafeStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
 
     def _collecting_loss(self, x) -> tuple:
-        """The loss with the parameters registered and traced, as ``SVI.step`` runs it; returns it and the traced
-        parameters, which join :attr:`params`."""
+        """The loss, its parameters registered and traced as ``SVI.step`` does; they join :attr:`params`."""
         with poutine.trace(param_only=True) as traced:
             loss, surrogate = self._loss(x)
         sites = traced.trace.nodes
@@ -369,20 +302,28 @@ class GraphStep(GraphSafeStep):
         return self.stats.last
 
     def _capture(self) -> None:
+        if not hasattr(self.optim, "capturable"):
+            name = getattr(self.optim, "pt_optim_constructor", type(self.optim)).__name__
+            self._fall_back(f"{name} cannot be captured; FusedAdam can")
+            return
         saved = capture.save(self.device)
         try:
             self.graph = capture.capture_graph(self._step, self._static_x, self.optim, self._stream)
         except Exception as e:  # noqa: BLE001 - any capture fault falls back to the eager step
             capture.restore(saved)
             self.graph = None
-            self.failed = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            self._warn(f"CUDA graph capture of the training step failed ({self.failed}); training eagerly")
-            capture.set_capturable(self.optim, False)
-            for p in self.params:  # gradients the failed capture may have left point into its memory pool
-                p.grad = None
-            self._step(self._static_x)  # this step was not taken
+            self._fall_back(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             return
         self.graph.replay()  # the capture recorded the step without running it
+
+    def _fall_back(self, reason: str) -> None:
+        """Train eagerly from this step on, warning once with ``reason``; this step is taken eagerly."""
+        self.failed = reason
+        self._warn(f"CUDA graph capture of the training step failed ({reason}); training eagerly")
+        capture.set_capturable(self.optim, False)
+        for p in self.params:  # gradients a failed capture may have left point into its memory pool
+            p.grad = None
+        self._step(self._static_x)
 
 
 def make_step(

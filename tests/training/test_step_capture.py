@@ -89,11 +89,12 @@ def config():
     return TR.RunConfig("vlae", "synthetic", "tiny", m, p.train, seed=1)
 
 
-def train(graph: bool, cuda=None, warn=None):
+def train(graph: bool, cuda=None, warn=None, optim=None):
     """One step per KL scale from the same seed, validation on for the first two; the losses and the parameters."""
     pyro.set_rng_seed(3)
     x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    model, guide, optim, _ = TR.build(config(), "cpu")
+    model, guide, fused, _ = TR.build(config(), "cpu")
+    optim = optim() if optim else fused
     stepper = S.make_step(model, guide, optim, "trace", "cpu", graph=graph, warn=warn)
     losses = []
     for i, k in enumerate(SCALES):
@@ -139,3 +140,14 @@ def test_save_and_restore_are_no_ops_off_cuda():
     assert ran == [1]
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device; the batch is on cpu"):
         C.capture_graph(lambda x: None, torch.zeros(1), None)
+
+
+def test_an_optimiser_that_cannot_be_captured_is_not_captured_and_trains_eagerly(monkeypatch):
+    monkeypatch.setattr(C, "capture_graph", lambda *args: pytest.fail("a non-capturable optimiser was captured"))
+    adam = lambda: pyro.optim.Adam({"lr": 1e-3})  # noqa: E731
+    eager_losses, eager_params, _ = train(graph=False, optim=adam)
+    warnings = []
+    losses, params, stepper = train(graph=True, warn=warnings.append, optim=adam)
+    assert warnings == ["CUDA graph capture of the training step failed (Adam cannot be captured; FusedAdam can); "
+                        "training eagerly"]  # fmt: skip
+    assert losses == eager_losses and all(torch.equal(a, b) for a, b in zip(params, eager_params))

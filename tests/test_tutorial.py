@@ -44,6 +44,11 @@ def test_tutorial_runs_and_its_checks_hold(this_interpreter_kernel):
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
     )
     assert text.splitlines()[0] == sys.executable
+    # no leftovers: nothing on stderr (warnings name the builder's paths) and no stray repr of a last expression
+    stderr = [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("name") == "stderr"]
+    assert not stderr, f"the tutorial writes to stderr: {stderr[0][:200]}"
+    results = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "execute_result"]
+    assert not results, f"a cell shows the repr of its last expression: {results[0]['data'].get('text/plain')}"
     # SVI on the label-conditional prior reaches the optimum known in closed form (the class averages of q's means)
     gap = float(re.search(r"largest \|learned - closed form\| over the 10 class means: ([0-9.]+)", text).group(1))
     assert gap < 0.15

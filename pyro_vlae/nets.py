@@ -21,12 +21,11 @@ MIN_SCALE = 1e-3
 
 @dataclass
 class ModelConfig:
-    """Architecture of one model/guide pair.  Serialised as the ``model`` block of ``config.json``.
+    """Architecture of one model/guide pair (a preset's ``.model``), saved as the ``model`` block of ``config.json``.
 
     :param name: preset name this config came from.
-    :param image_shape: ``(C, H, W)`` of image data, with ``H`` and ``W`` divisible by ``2 ** len(channels)``; or
-        ``(D,)`` for vector data, which the stacked HVAEs encode and decode with dense layers only (``channels`` is
-        then unused).
+    :param image_shape: ``(C, H, W)`` of images, with ``H`` and ``W`` divisible by ``2 ** len(channels)``; or ``(D,)``
+        for vectors, which the stacked HVAEs encode and decode with dense layers only (``channels`` is then unused).
     :param latent_dims: sizes of ``z1 .. zL`` (``z1`` the bottom layer).
     :param channels: output channels of the stride-2 convolutions, bottom to top.
     :param hidden: width of every dense layer.
@@ -49,6 +48,11 @@ class ModelConfig:
         convolutions, as the reference code (whose ``conv2d_t_bn_relu`` applies leaky ReLU); ReLU otherwise.
     :param bn_eps: batch-norm epsilon (PyTorch's 1e-5; TensorFlow's ``contrib.layers.batch_norm`` uses 1e-3).
     :param bn_momentum: batch-norm running-statistics momentum (PyTorch's 0.1; a TensorFlow decay ``d`` is ``1 - d``).
+
+    >>> import pyro_vlae as pv
+    >>> config = pv.ModelConfig(image_shape=(1, 16, 16), latent_dims=(4, 2), channels=(8, 16), hidden=32)
+    >>> pv.latent_shapes(pv.get_model("vlae", config))
+    {'z1': (4,), 'z2': (2,)}
     """
 
     name: str = "custom"

@@ -15,7 +15,15 @@ _CORRUPT = "the file is truncated or corrupt: delete it and get it again"
 
 
 class DatasetError(RuntimeError):
-    """A dataset is missing, corrupt or malformed; the message names the problem, the file and the fix."""
+    """A dataset is missing, corrupt or malformed; the message names the problem, the file and the fix.
+
+    >>> import pyro_vlae as pv
+    >>> try:
+    ...     pv.load_data("mnsit")
+    ... except pv.DatasetError as err:
+    ...     print(err)
+    unknown dataset 'mnsit'; valid names are: mnist, fashion-mnist, svhn, celeba, sprites, shapes3d, synthetic
+    """
 
 
 def _u8_to_float(a) -> torch.Tensor:

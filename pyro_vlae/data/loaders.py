@@ -59,6 +59,14 @@ class DataBundle:
     and shapes3d and celeba's attributes (each of size 2), else ``None``; ``num_classes`` is 10 for labelled
     datasets, else ``None``. The training loader shuffles (seeded) and drops the last incomplete batch; the test loader
     keeps the order. ``source`` says where the data came from.
+
+    >>> import pyro_vlae as pv
+    >>> bundle = pv.load_data("synthetic", batch_size=16)
+    >>> bundle.name, bundle.image_shape, bundle.num_classes, len(bundle.train), len(bundle.test)
+    ('synthetic', (1, 16, 16), 10, 512, 128)
+    >>> X, Y = bundle.tensors("test")  # the whole split, when it is held in memory
+    >>> tuple(X.shape), Y[:5].tolist()
+    ((128, 1, 16, 16), [...])
     """
 
     name: str
@@ -130,6 +138,17 @@ def load_data(
     :param celeba_size: CelebA image size after the 148x148 center crop.
     :param shapes3d_size: shapes3d image size (64 as in 3D Shapes; 32 for CPU runs).
     :raises DatasetError: unknown name, bad option, or missing, corrupt or malformed data.
+
+    The ``synthetic`` set (bar images, 10 classes) is generated, so it needs no files; the others are read from
+    ``data_dir`` (or downloaded), and ``sprites`` and ``shapes3d`` are rendered on access from their factors.
+
+    >>> import pyro_vlae as pv
+    >>> pv.DATASETS
+    ('mnist', 'fashion-mnist', 'svhn', 'celeba', 'sprites', 'shapes3d', 'synthetic')
+    >>> bundle = pv.load_data("synthetic", batch_size=16)
+    >>> x, y = next(iter(bundle.train_loader))
+    >>> tuple(x.shape), x.dtype, tuple(y.shape)
+    ((16, 1, 16, 16), torch.float32, (16,))
     """
     key = str(name).lower().replace("_", "-")
     if key not in DATASETS:

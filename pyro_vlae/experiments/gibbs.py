@@ -16,10 +16,12 @@ Both halves are Pyro handlers on the unmodified model/guide pair: ``poutine.trac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from pyro import poutine
+from pyro.nn import PyroModule
 
 
 @dataclass
@@ -90,14 +92,14 @@ FEEDS = ("sample", "mean")
 
 @torch.no_grad()
 def gibbs_chain(
-    model,
-    guide,
-    x0,
+    model: PyroModule,
+    guide: PyroModule,
+    x0: torch.Tensor,
     num_steps: int,
-    keep=("z1",),
+    keep: str | Iterable[str] = ("z1",),
     return_means: bool = True,
-    clamp=True,
-    seed=None,
+    clamp: bool | tuple[float, float] = True,
+    seed: int | None = None,
     feed: str = "sample",
 ) -> GibbsResult:
     """Run ``N`` chains of Eq. 6 (``keep=("z1",)``) or Eq. 16 (``keep`` every latent) side by side.
@@ -122,6 +124,18 @@ def gibbs_chain(
         ``p(x | z^{(t)})`` back instead of a draw: it separates the likelihood's noise from the guide's error when a
         chain drifts (``benchmarks/gibbs_probe.py``).  It is not the chain of Proposition 1 and does not target
         ``p_data``: on a linear-Gaussian model it contracts to a smaller variance.
+    :returns: a :class:`GibbsResult` with the chains' states, mean images and kept codes.
+
+    Four chains of Eq. 6 on the shipped VLAE, started from its own mean images:
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> x0 = pv.ancestral_means(model, 4, seed=0)
+    >>> chain = pv.gibbs_chain(model, guide, x0, num_steps=10, seed=0)
+    >>> chain.keep, tuple(chain.samples.shape)  # x^(0) and ten transitions of four chains
+    (('z1',), (11, 4, 1, 28, 28))
+    >>> tuple(chain.codes["z1"].shape)
+    (10, 4, 2)
     """
     if feed not in FEEDS:
         raise ValueError(f"feed must be one of {FEEDS}, got {feed!r}")
@@ -182,8 +196,22 @@ def _ancestral(model, num_samples: int, seed, draws: bool) -> torch.Tensor:
             model.train(was)
 
 
-def ancestral_means(model, num_samples: int, seed=None) -> torch.Tensor:
-    """Mean images of ``num_samples`` ancestral draws ``z ~ p(z)`` from the full model (the right panel of Fig. 2)."""
+def ancestral_means(model: PyroModule, num_samples: int, seed: int | None = None) -> torch.Tensor:
+    """Mean images of ``num_samples`` ancestral draws ``z ~ p(z)`` from the full model (the right panel of Fig. 2).
+
+    Runs in eval mode and restores the model's mode afterwards.
+
+    :param model: a pyro_vlae model.
+    :param num_samples: how many draws.
+    :param seed: when given, the draws use their own random stream seeded with it (the global one is kept).
+    :returns: ``(num_samples, C, H, W)`` mean images.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> images = pv.ancestral_means(model, 8, seed=0)
+    >>> tuple(images.shape), bool(images.min() >= 0 and images.max() <= 1)
+    ((8, 1, 28, 28), True)
+    """
     return _ancestral(model, num_samples, seed, draws=False)
 
 

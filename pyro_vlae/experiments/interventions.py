@@ -9,10 +9,12 @@ For the VLAE (and the flat VAE) the codes ``z_l`` are already the noise.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from pyro import poutine
 from pyro.infer.reparam import LocScaleReparam
+from pyro.nn import PyroModule
 
 
 def _device(model) -> torch.device:
@@ -33,13 +35,27 @@ def eval_mode(*modules):
             m.train(was)
 
 
-def latent_sites(model) -> list:
-    """``["z1", ..., "zL"]`` of a pyro_vlae model."""
+def latent_sites(model: PyroModule) -> list[str]:
+    """``["z1", ..., "zL"]`` of a pyro_vlae model, bottom layer first.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> pv.latent_sites(model)
+    ['z1', 'z2', 'z3']
+    """
     return list(model.latent_sites)
 
 
-def latent_shapes(model) -> dict:
-    """Event size of every latent site, read from one traced prior draw (hidden from handlers outside this call)."""
+def latent_shapes(model: PyroModule) -> dict[str, tuple[int, ...]]:
+    """Event size of every latent site, read from one traced prior draw (hidden from handlers outside this call).
+
+    The draw uses a forked random stream, so the caller's stream is untouched.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> pv.latent_shapes(model)
+    {'z1': (2,), 'z2': (2,), 'z3': (2,)}
+    """
     dev = _device(model)
     forked = [dev] if dev.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=forked), eval_mode(model), poutine.block():
@@ -47,7 +63,7 @@ def latent_shapes(model) -> dict:
     return {s: tuple(tr.nodes[s]["value"].shape[1:]) for s in latent_sites(model)}
 
 
-def fix_layers(model, codes: dict):
+def fix_layers(model: PyroModule, codes: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``poutine.condition(model, data=codes)`` after checking every site exists and every code has its shape.
 
     Codes may be ``(d,)`` (shared by the batch) or ``(N, d)``.  A shared code is expanded on each call, and codes are
@@ -55,7 +71,21 @@ def fix_layers(model, codes: dict):
 
     :param model: a pyro_vlae model.
     :param codes: ``{site: code}`` for the layers to fix; the other layers are drawn from the model.
+    :returns: the conditioned model; it returns the mean images.
     :raises ValueError: naming the valid sites and their shapes.
+
+    Sixteen digits that share their top-layer code (Fig. 5's rows), the lower layers drawn from the prior:
+
+    >>> import torch
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> same_top = pv.fix_layers(model, {"z3": torch.tensor([1.5, -0.5])})
+    >>> tuple(same_top(batch_size=16).shape)
+    (16, 1, 28, 28)
+    >>> pv.fix_layers(model, {"z4": torch.zeros(2)})
+    Traceback (most recent call last):
+    ...
+    ValueError: cannot fix 'z4': the model has no such latent site; valid sites are z1: (N, 2), z2: (N, 2), z3: (N, 2)
     """
     shapes = latent_shapes(model)
     valid = ", ".join(f"{s}: (N, {', '.join(map(str, shp))})" for s, shp in shapes.items())
@@ -123,7 +153,13 @@ def _noise_draws(model, layer, num_groups, num_samples, generator) -> dict:
 
 
 @torch.no_grad()
-def intervene_layer(model, layer: str, num_groups: int = 8, num_samples: int = 8, generator=None) -> torch.Tensor:
+def intervene_layer(
+    model: PyroModule,
+    layer: str,
+    num_groups: int = 8,
+    num_samples: int = 8,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Fig. 3 / 6 / 7: fix the noise of every layer but ``layer`` and resample that one.
 
     Row ``g`` shares one draw of every other layer's noise; its ``num_samples`` columns differ only in ``layer``.  For
@@ -137,6 +173,13 @@ def intervene_layer(model, layer: str, num_groups: int = 8, num_samples: int = 8
     :param num_samples: columns (draws of ``layer`` per row).
     :param generator: torch generator for the noise.
     :returns: mean images of shape ``(num_groups, num_samples, C, H, W)``.
+
+    >>> import torch
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> grid = pv.intervene_layer(model, "z2", num_groups=4, num_samples=6, generator=torch.Generator().manual_seed(0))
+    >>> tuple(grid.shape)  # 4 rows, each sharing z1 and z3; its 6 columns differ in z2 only
+    (4, 6, 1, 28, 28)
     """
     data = _noise_draws(model, layer, num_groups, num_samples, generator)
     wrapped, _ = noise_model(model)
@@ -145,7 +188,7 @@ def intervene_layer(model, layer: str, num_groups: int = 8, num_samples: int = 8
     return images.reshape(num_groups, num_samples, *images.shape[1:])
 
 
-def variance_share(model, num_groups: int = 32, num_samples: int = 16, seed: int = 0) -> dict:
+def variance_share(model: PyroModule, num_groups: int = 32, num_samples: int = 16, seed: int = 0) -> dict[str, float]:
     """For each layer, the share of pixel variance caused by resampling that layer alone.
 
     ``share_l = E_groups[Var_within(x)] / Var_total(x)``, pixel variances of the mean images averaged over pixels; the
@@ -157,6 +200,14 @@ def variance_share(model, num_groups: int = 32, num_samples: int = 16, seed: int
     :param num_samples: draws of the resampled layer per group.
     :param seed: seed of the noise (the global random stream is not used for it).
     :returns: ``{site: share}``.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> shares = pv.variance_share(model, num_groups=8, num_samples=4)
+    >>> sorted(shares)
+    ['z1', 'z2', 'z3']
+    >>> max(shares, key=shares.get)  # the top layer moves the image most
+    'z3'
     """
     g = torch.Generator().manual_seed(seed)
     wrapped, noise = noise_model(model)
@@ -175,7 +226,14 @@ def variance_share(model, num_groups: int = 32, num_samples: int = 16, seed: int
 
 
 @torch.no_grad()
-def traverse_layer(model, layer: str, grid: int = 9, span: float = 2.0, dims=(0, 1), generator=None) -> torch.Tensor:
+def traverse_layer(
+    model: PyroModule,
+    layer: str,
+    grid: int = 9,
+    span: float = 2.0,
+    dims: tuple[int, int] = (0, 1),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Fig. 5: sweep two dimensions of ``layer``'s code over ``[-span, span]^2`` while every other layer (and the
     remaining dimensions of this one) is drawn once from the prior and shared by the whole grid.  Runs in eval mode.
 
@@ -186,6 +244,12 @@ def traverse_layer(model, layer: str, grid: int = 9, span: float = 2.0, dims=(0,
     :param dims: the two dimensions swept (see :func:`top_kl_dims` to pick the most used ones).
     :param generator: torch generator for the shared draws.
     :returns: mean images ``(grid, grid, C, H, W)``; row index sweeps ``dims[0]``, column index ``dims[1]``.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> sweep = pv.traverse_layer(model, "z3", grid=5, span=2.0)  # z3 over [-2, 2]^2, z1 and z2 drawn once
+    >>> tuple(sweep.shape)
+    (5, 5, 1, 28, 28)
     """
     wrapped, noise = noise_model(model)
     if layer not in noise:
@@ -211,7 +275,7 @@ def traverse_layer(model, layer: str, grid: int = 9, span: float = 2.0, dims=(0,
 
 
 @torch.no_grad()
-def kl_per_dim(model, guide, x: torch.Tensor, layer: str, num_samples: int = 1) -> torch.Tensor:
+def kl_per_dim(model: PyroModule, guide: PyroModule, x: torch.Tensor, layer: str, num_samples: int = 1) -> torch.Tensor:
     """Average KL per dimension of ``layer`` over the images ``x``, in nats; sums to the layer's KL term of Eq. 5.
 
     For the VLAE and VAE, whose prior is ``N(0, I)`` and whose ``q(z_l|x)`` is a diagonal Gaussian, it is the closed
@@ -225,6 +289,13 @@ def kl_per_dim(model, guide, x: torch.Tensor, layer: str, num_samples: int = 1) 
     :param layer: the latent site.
     :param num_samples: draws per image (stacked models only).
     :returns: ``(d,)`` tensor on the CPU.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> x = pv.ancestral_means(model, 64, seed=0)  # any images (N, 1, 28, 28); here the model's own
+    >>> kl = pv.kl_per_dim(model, guide, x, "z3")
+    >>> tuple(kl.shape), bool((kl > 0).all())
+    ((2,), True)
     """
     if layer not in latent_sites(model):
         raise ValueError(f"unknown layer {layer!r}; valid layers are {latent_sites(model)}")

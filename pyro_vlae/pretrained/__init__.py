@@ -30,6 +30,7 @@ import json
 import os
 
 import torch
+from pyro.nn import PyroModule
 
 from ..evaluation.classifier import SmallCNN
 from ..guides import get_guide
@@ -148,7 +149,7 @@ def model_config(meta: dict) -> ModelConfig:
     return ModelConfig.from_dict({k: v for k, v in meta["config"]["model"].items() if k in known})
 
 
-def load_pretrained(name: str = "vlae-mnist", device="cpu") -> tuple:
+def load_pretrained(name: str = "vlae-mnist", device: str | torch.device = "cpu") -> tuple[PyroModule, PyroModule]:
     """The shipped model and guide ``name``, in eval mode and float32 on ``device``.  Works offline.
 
     The ladder gains of the VLAE's fade-in are set explicitly to the values the weights were trained with (all 1 at
@@ -158,6 +159,15 @@ def load_pretrained(name: str = "vlae-mnist", device="cpu") -> tuple:
     :param name: an entry of :func:`available`.
     :param device: where to put the networks.
     :returns: ``(model, guide)``; :func:`info` gives the provenance.
+    :raises PretrainedError: for an unknown name, or files that do not match their provenance.
+
+    >>> import pyro_vlae as pv
+    >>> model, guide = pv.load_pretrained("vlae-mnist")
+    >>> type(model).__name__, type(guide).__name__, model.training
+    ('VLAEModel', 'VLAEGuide', False)
+    >>> codes = guide(model(batch_size=4))  # the posterior means of z1, z2, z3 for four generated digits
+    >>> [tuple(c.shape) for c in codes]
+    [(4, 2), (4, 2), (4, 2)]
     """
     state, spec, _ = _state(name, "model")
     config = model_config(spec)

@@ -41,6 +41,20 @@ class FusedAdam(PyroOptim):
     :param optim_args: Adam's keyword arguments as a dict (``lr``, ``betas``, ``eps``, ``weight_decay``...).
         Per-parameter arguments (a callable) and gradient clipping need ``pyro.optim.Adam``.
     :param fused: ``True`` / ``False`` to force the kernel; ``None`` picks fused where supported, else ``foreach``.
+
+    It stands wherever a Pyro optimiser does:
+
+    >>> import math
+    >>> import pyro
+    >>> import pyro_vlae as pv
+    >>> config = pv.get_preset("tiny").model
+    >>> model, guide = pv.get_model("vlae", config), pv.get_guide("vlae", config)
+    >>> x, _ = pv.load_data("synthetic", batch_size=16).tensors("train")
+    >>> svi = pyro.infer.SVI(model, guide, pv.FusedAdam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    >>> math.isfinite(svi.step(x[:16]))
+    True
+    >>> type(svi.optim.optimizer).__name__  # one torch optimiser for every parameter
+    'Adam'
     """
 
     def __init__(self, optim_args: dict, fused: bool | None = None):

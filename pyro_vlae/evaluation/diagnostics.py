@@ -200,7 +200,8 @@ def gibbs_diagnostics(
     distance to the reference beside that of as many ancestral mean images. Both sets are independent images of the
     same size, so the distance's bias is the same for both: a correct chain started from data stays at the data's law
     at every step, however slowly it mixes, and is not flagged; pooling autocorrelated draws of a few chains would
-    make a slow chain look far from the data. ``collapse_detected`` says whether any chain collapsed.
+    make a slow chain look far from the data. The distinct-mode count of the collapse check compares the states with
+    as many ancestral mean images, the same kind of image. ``collapse_detected`` says whether any chain collapsed.
 
     :param model: a trained pyro_vlae model.
     :param guide: its guide.
@@ -241,18 +242,17 @@ def gibbs_diagnostics(
         result = gibbs_chain(model, guide, starts, num_steps, keep=keep, seed=seed + i, return_means=True)
         out["chains"][name] = _chain_block(result, burn_in, classifier, starts)
         states[name] = _verdict_states(model, guide, v_starts, keep, num_steps, seed + 100 + i)
-    fd = {}
+    fd, anc = {}, ancestral_means(model, len(v_idx), seed=seed).cpu()
     if classifier is not None:
         ref = extract_features(classifier, reference)
         fd = {"reference_images": len(ref_idx), "num_images": len(v_idx), "step": int(num_steps)}
         for name, imgs in states.items():
             fd[f"gibbs_{name}"] = frechet_distance(extract_features(classifier, imgs), ref)
-        anc = ancestral_means(model, len(v_idx), seed=seed)
         fd["ancestral"] = frechet_distance(extract_features(classifier, anc), ref)
         out["frechet_distance"] = fd
     for name, imgs in states.items():
         out["chains"][name]["collapse"] = chain_collapse(
-            imgs, reference, classifier, fd.get(f"gibbs_{name}"), fd.get("ancestral")
+            imgs, reference, classifier, fd.get(f"gibbs_{name}"), fd.get("ancestral"), baseline=anc
         )
     out["collapse_detected"] = any(b["collapse"]["collapsed"] for b in out["chains"].values())
     return jsonable(out)

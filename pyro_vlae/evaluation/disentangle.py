@@ -27,6 +27,9 @@ import numpy as np
 
 from . import assignment as A
 from .estimators import (
+    binned_mi,
+    bootstrap_mi,
+    discretize,
     factor_entropies,
     mig_result,
     mig_sup_result,
@@ -34,6 +37,7 @@ from .estimators import (
     parse_groups,
     prepare,
     sap_result,
+    score_bundle,
     split_indices,
 )
 from .predictors import dci_result, sap_score_matrix
@@ -131,26 +135,19 @@ closed-form linear discriminant analysis on the standardised codes (``w_c = (S +
 within-class covariance ``S``, class means ``mu_c``, ``ridge`` default ``1e-6``).
 
 Layers. ``evaluate_all`` computes disentanglement_lib's scores on all code dims (``overall``), and per group of
-code dims (a layer) only numbers that can vary with the data. Active dims: a dim is active when the variance of its
-values across the kept rows exceeds ``active_variance`` (default 0.01, Burda et al.'s active units, the report's
-threshold); equal-width bins ignore scale, so the near-constant posterior means of a collapsed layer would otherwise
-look informative. Per layer: MIG and MIG-sup from the rows of the shared per-dim MI matrix with inactive dims counted
-as 0; SAP from the rows of the shared SAP score matrix (its classifiers see one dim each, so this equals a refit);
-DCI informativeness from the classifiers refitted on the layer's active dims (``None`` without any); and
-``importance_share[k]``, the layer's share of factor ``k``'s importance in the DCI fit on all codes, ``sum_{j in l,
-active} R_jk / sum_{j active} R_jk``. A layer's own DCI disentanglement and completeness are not computed (earlier
-versions did): with one or two dims per layer they are fixed by the estimator, not the data (each importance column
-sums to 1, so a single dim has ``D = 0`` and ``C = 1`` whatever it encodes). A factor is predicted when the fit on all
-codes beats the majority-class rate ``c`` of the test rows by ``3 sqrt(c (1 - c) / n_test)``; the importance of a
-factor at chance is noise, so its shares are ``None``. ``overall`` keeps every dim, as disentanglement_lib does;
-``active["mig"]`` is the MIG of the active dims beside it. The assignment has three ``(L, K)`` matrices over active
-dims: ``mi_mass[l, k] = sum_{j in l} I(c_j; v_k) / sum_j I(c_j; v_k)`` (each column sums to 1 over layers when the
-groups cover all dims), ``importance_share`` as above, and ``best_unit_nmi[l, k] = max_{j in l} n_jk``, how well the
-best single dim of the layer captures the factor. Each predicted factor is assigned to the layer whose entry clearly
-leads: ``assigned_layer`` by ``mi_mass``, ``assigned_layer_by_importance`` by ``importance_share`` (each a share of
-at least 0.5 and twice the runner-up's) and ``assigned_layer_by_top_dim`` by ``best_unit_nmi`` (twice the runner-up's:
-the layer of the dim with the largest MI, the dim MIG credits); to ``"spread"`` when no layer clearly leads (a plain
-argmax of flat shares names a layer by noise); a factor at chance, or carried by no active dim, to no layer (``None``).
+code dims (a layer) only numbers that can vary with the data, over active dims: a dim is active when x explains over
+1 % of its variance (``explained_share``, passed by the evaluation; see ``likelihood.explained_share``), or, without
+it, when the variance of its values across the kept rows exceeds ``active_variance`` (default 0.01, Burda et al.'s,
+which suits unit-scale codes only); equal-width bins ignore scale, so the near-constant posterior means of a
+collapsed layer would otherwise look informative. Per layer: MIG and MIG-sup from the rows of the shared per-dim MI
+matrix with inactive dims counted as 0; SAP from the rows of the shared SAP score matrix (its classifiers see one dim
+each, so this equals a refit); DCI informativeness from the classifiers refitted on the layer's active dims (``None``
+without any); and ``importance_share[k]``, the layer's share of factor ``k``'s importance in the DCI fit on all codes.
+A layer's own DCI disentanglement and completeness are not computed (earlier versions did): with one or two dims per
+layer they are fixed by the estimator, not the data (a single dim has ``D = 0`` and ``C = 1`` whatever it encodes).
+``overall`` keeps every dim, as disentanglement_lib does; ``active["mig"]`` is the MIG of the active dims beside it.
+The factor -> layer assignment (``best_unit_nmi``, ``mi_mass`` and ``importance_share`` matrices, bootstrap intervals
+of the first two over resampled items, and the rules) is described in :mod:`.assignment`.
 """
 
 __doc__ = (__doc__ or "") + ESTIMATOR_NOTES
@@ -269,23 +266,6 @@ def sap(
     return sap_result(sap_score_matrix(x[tr], y[tr], x[te], y[te], seed, bool(standardize)))
 
 
-def _bundle(mi, h, scores, dci_result, active_threshold) -> dict:
-    """Every score of one set of code dims; a layer's ``dci_result`` (:func:`.assignment.layer_dci`) has no D or C."""
-    res = {
-        "mig": mig_result(mi, h),
-        "mig_sup": mig_sup_result(mi, h, active_threshold),
-        "dci": dci_result,
-        "sap": sap_result(scores),
-    }
-    res["summary"] = {"mig": res["mig"]["mig"], "mig_sup": res["mig_sup"]["mig_sup"]}
-    if "disentanglement" in dci_result:
-        res["summary"]["dci_disentanglement"] = dci_result["disentanglement"]
-        res["summary"]["dci_completeness"] = dci_result["completeness"]
-    res["summary"]["dci_informativeness"] = dci_result["informativeness"]
-    res["summary"]["sap"] = res["sap"]["sap"]
-    return res
-
-
 def evaluate_all(
     codes,
     factors,
@@ -301,6 +281,9 @@ def evaluate_all(
     sap_standardize: bool = False,
     seed=0,
     max_samples=DEFAULT_MAX_SAMPLES,
+    bootstrap_resamples: int = A.BOOTSTRAP_RESAMPLES,
+    explained_share=None,
+    active_share: float = A.ACTIVE_SHARE,
 ) -> dict:
     """MIG, MIG-sup, DCI and SAP over all code dims and per layer, plus the factor-by-layer assignment.
 
@@ -312,23 +295,27 @@ def evaluate_all(
     :param num_bins: bins per code dim for the MI estimates.
     :param binning: ``"equal_width"`` (disentanglement_lib's) or ``"quantile"``.
     :param active_threshold: MIG-sup activity threshold on normalised MI.
-    :param active_variance: a code dim is active when the variance of its values across the kept rows exceeds this
-        (Burda et al.'s active units; the report's threshold). Only active dims enter the per-layer information,
-        the layers' importance shares and DCI fits, and the assignments; the overall scores use every dim.
+    :param active_variance: without ``explained_share``, a code dim is active when the variance of its values
+        across the kept rows exceeds this (Burda et al.'s active units). Only active dims enter the per-layer
+        information, the layers' importance shares and DCI fits, and the assignments; the overall scores use every dim.
     :param train_frac: train fraction for DCI and SAP.
     :param dci_estimator: ``"gbt"`` (:func:`dci`, disentanglement_lib's) or ``"lda"`` (:func:`dci_lda`, fast).
     :param sap_standardize: passed to :func:`sap` as ``standardize``.
-    :param seed: seed of the subsample, the split and the classifiers.
+    :param seed: seed of the subsample, the split, the classifiers and the bootstrap.
     :param max_samples: rows kept (seeded subsample); ``None`` keeps all.
+    :param bootstrap_resamples: resamples of the items for the intervals of the assignment's information (0: none, and
+        the rules use point estimates only).
+    :param explained_share: ``None`` or ``(D,)``: each dim's share of variance that x explains
+        (:func:`~.likelihood.explained_share`); given, a dim is active when its share exceeds ``active_share``.
+    :param active_share: the threshold on ``explained_share``.
     :return: JSON-serialisable dict with keys ``n_samples``, ``n_samples_total``, ``n_codes``, ``n_factors``,
         ``factor_names``, ``settings``, ``overall`` (``{"summary", "mig", "mig_sup", "dci", "sap"}`` on all dims, as
-        disentanglement_lib), ``active`` (``{"threshold", "dims", "variance", "mig"}``: the active dims and the MIG of
-        the active dims alone), ``layers`` (name -> ``{"dims", "active_dims", "summary", "mig", "mig_sup", "dci",
-        "sap"}``, where the layer's ``dci`` holds the informativeness of a fit on its active dims and its
-        ``importance_share`` per factor, and no D or C; empty without groups) and ``assignment`` (``None`` without
-        groups, else ``{"layers", "factors", "active_dims", "predicted", "mi_mass": [L][K], "importance_share":
-        [L][K], "best_unit_nmi": [L][K], "assigned_layer", "assigned_layer_by_importance",
-        "assigned_layer_by_top_dim"}``, each assignment ``{factor: layer, "spread" or None}``).
+        disentanglement_lib), ``active`` (``{"threshold", "criterion", "dims", "variance", "mig"}``, with
+        ``"share_threshold"`` and ``"explained_share"`` when given: the active dims and the MIG of the active dims
+        alone), ``layers`` (name -> ``{"dims", "active_dims", "summary", "mig", "mig_sup", "dci", "sap"}``, where the
+        layer's ``dci`` holds the informativeness of a fit on its active dims and its ``importance_share`` per factor,
+        and no D or C; empty without groups) and ``assignment`` (``None`` without groups, else
+        :func:`.assignment.assignment`'s dict).
     :raises ValueError: on malformed input, groups, factor names or estimator.
     """
     x, y, cards, n_total = prepare(codes, factors, max_samples, seed, MIN_SAMPLES)
@@ -338,10 +325,15 @@ def evaluate_all(
         raise ValueError(f"factor_names must be {n_factors} distinct names; got {list(names)}")
     if dci_estimator not in DCI_ESTIMATORS:
         raise ValueError(f"dci_estimator must be one of {DCI_ESTIMATORS}; got {dci_estimator!r}")
-    if isinstance(active_variance, bool) or not isinstance(active_variance, (int, float)) or not active_variance >= 0:
-        raise ValueError(f"active_variance must be a number >= 0; got {active_variance!r}")
+    if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 0:
+        raise ValueError(f"bootstrap_resamples must be an integer >= 0 (0: no intervals); got {bootstrap_resamples!r}")
+    for name, value in (("active_variance", active_variance), ("active_share", active_share)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0; got {value!r}")
+    share = A.check_share(explained_share, n_dims)
     layers = parse_groups(groups, n_dims) if groups is not None else []
-    mi = mutual_info_matrix(x, y, cards, num_bins, binning)
+    bins = discretize(x, num_bins, binning)
+    mi = binned_mi(bins, y, cards, num_bins)
     h = factor_entropies(y)
     split = split_indices(len(x), train_frac, seed)
     tr, te = split
@@ -358,24 +350,30 @@ def evaluate_all(
             "binning": binning,
             "active_threshold": float(active_threshold),
             "active_variance": float(active_variance),
+            "active_criterion": "mean_variance" if share is None else "explained_share",
+            "active_share": None if share is None else float(active_share),
             "train_frac": float(train_frac),
             "seed": int(seed),
             "max_samples": None if max_samples is None else int(max_samples),
             "dci_estimator": dci_estimator,
             "sap_standardize": bool(sap_standardize),
+            "bootstrap_resamples": int(bootstrap_resamples),
         },
-        "overall": _bundle(mi, h, scores, overall_dci, active_threshold),
+        "overall": score_bundle(mi, h, scores, overall_dci, active_threshold),
         "layers": {},
         "assignment": None,
     }
-    active = A.active_mask(x, active_variance)
+    active = A.active_mask(x, active_variance) if share is None else share > float(active_share)
     mi_active = np.where(active[:, None], mi, 0.0)
     result["active"] = {
         "threshold": float(active_variance),
+        "criterion": "mean_variance" if share is None else "explained_share",
         "dims": np.flatnonzero(active).tolist(),
         "variance": x.var(axis=0, ddof=1).tolist(),
         "mig": mig_result(mi_active, h),
     }
+    if share is not None:
+        result["active"].update(share_threshold=float(active_share), explained_share=share.tolist())
     if not layers:
         return result
     fit = A.fit_active(x, y, split, active, overall_dci, dci_estimator, seed)
@@ -389,7 +387,8 @@ def evaluate_all(
         result["layers"][name] = {
             "dims": dims.tolist(),
             "active_dims": live.tolist(),
-            **_bundle(mi_active[dims], h, scores[dims], A.layer_dci(own, shares[i], n_factors), active_threshold),
+            **score_bundle(mi_active[dims], h, scores[dims], A.layer_dci(own, shares[i], n_factors), active_threshold),
         }
-    result["assignment"] = A.assignment(layers, names, mi, h, shares, active, predicted)
+    boot = bootstrap_mi(bins, y, cards, num_bins, bootstrap_resamples, seed) if bootstrap_resamples else None
+    result["assignment"] = A.assignment(layers, names, mi, h, shares, active, predicted, boot, seed)
     return result

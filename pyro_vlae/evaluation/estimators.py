@@ -149,20 +149,49 @@ def discretize(x: np.ndarray, num_bins: int, binning: str = "equal_width") -> np
 
 
 def mutual_info_matrix(x: np.ndarray, y: np.ndarray, cards, num_bins: int, binning: str) -> np.ndarray:
-    """Plug-in ``I(c_j; v_k)`` in nats between binned code dims and factors.
+    """Plug-in ``I(c_j; v_k)`` in nats between binned code dims and factors (:func:`discretize`, :func:`binned_mi`).
 
     :return: float array ``(D, K)``, non-negative.
     """
-    bins = discretize(x, num_bins, binning)
-    n = len(x)
-    mi = np.zeros((x.shape[1], y.shape[1]))
+    return binned_mi(discretize(x, num_bins, binning), y, cards, num_bins)
+
+
+def _plugin_mi(joint: np.ndarray) -> np.ndarray:
+    """Plug-in MI in nats of joint distributions ``(..., B, C)`` (each summing to 1), clipped at 0 against rounding."""
+    pb, pv = joint.sum(axis=-1, keepdims=True), joint.sum(axis=-2, keepdims=True)
+    ratio = np.divide(joint, pb * pv, out=np.ones_like(joint), where=joint > 0)
+    return np.maximum(0.0, np.sum(joint * np.log(ratio), axis=(-2, -1)))
+
+
+def binned_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int) -> np.ndarray:
+    """Plug-in ``I(c_j; v_k)`` in nats between already binned code dims ``bins`` ``(N, D)`` (``0..num_bins-1``) and
+    factor codes ``y`` ``(N, K)``: float array ``(D, K)``."""
+    n = len(bins)
+    mi = np.zeros((bins.shape[1], y.shape[1]))
     for k, card in enumerate(cards):
-        for j in range(x.shape[1]):
+        for j in range(bins.shape[1]):
             joint = np.bincount(bins[:, j] * card + y[:, k], minlength=num_bins * card).reshape(num_bins, card) / n
-            pb, pv = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
-            nz = joint > 0
-            mi[j, k] = max(0.0, float(np.sum(joint[nz] * np.log(joint[nz] / (pb @ pv)[nz]))))
+            mi[j, k] = float(_plugin_mi(joint))
     return mi
+
+
+def bootstrap_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int, resamples: int, seed) -> np.ndarray:
+    """:func:`binned_mi` of ``resamples`` bootstrap resamples of the items (rows drawn with replacement, as
+    multinomial counts from ``default_rng([seed, 2])``), with each item's bins kept from all items (no refit).
+
+    :return: float array ``(resamples, D, K)``.
+    """
+    n, d = bins.shape
+    counts = np.random.default_rng([check_seed(seed), 2]).multinomial(n, np.full(n, 1.0 / n), size=int(resamples))
+    offsets = np.arange(int(resamples))[:, None]
+    out = np.zeros((int(resamples), d, y.shape[1]))
+    for k, card in enumerate(cards):
+        cells = num_bins * card
+        for j in range(d):
+            flat = (offsets * cells + (bins[:, j] * card + y[:, k])[None, :]).ravel()
+            joint = np.bincount(flat, weights=counts.ravel(), minlength=int(resamples) * cells) / n
+            out[:, j, k] = _plugin_mi(joint.reshape(-1, num_bins, card))
+    return out
 
 
 def parse_groups(groups, n_dims: int) -> list:
@@ -250,3 +279,21 @@ def sap_result(scores: np.ndarray) -> dict:
         "per_factor": none_if_nan(per_factor),
         "score_matrix": [none_if_nan(row) for row in scores],
     }
+
+
+def score_bundle(mi, h, scores, dci_result, active_threshold) -> dict:
+    """Every score of one set of code dims from its MI and SAP score matrices and its DCI result (a layer's,
+    :func:`.assignment.layer_dci`, has no D or C), with a ``summary`` of the headline numbers."""
+    res = {
+        "mig": mig_result(mi, h),
+        "mig_sup": mig_sup_result(mi, h, active_threshold),
+        "dci": dci_result,
+        "sap": sap_result(scores),
+    }
+    res["summary"] = {"mig": res["mig"]["mig"], "mig_sup": res["mig_sup"]["mig_sup"]}
+    if "disentanglement" in dci_result:
+        res["summary"]["dci_disentanglement"] = dci_result["disentanglement"]
+        res["summary"]["dci_completeness"] = dci_result["completeness"]
+    res["summary"]["dci_informativeness"] = dci_result["informativeness"]
+    res["summary"]["sap"] = res["sap"]["sap"]
+    return res

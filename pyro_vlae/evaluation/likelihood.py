@@ -13,8 +13,11 @@ as well as a VLAE.  ``x`` may be images ``(N, C, H, W)`` or vectors ``(N, D)``.
 
   together with the ELBO :math:`\frac1K \sum_k \log w_k` from the same draws (so :math:`\mathcal L_K \ge` ELBO
   holds draw by draw, by Jensen's inequality), the reconstruction term and the per-layer KL.
-* :func:`posterior_means`: :math:`E_{q(z|x)}[z_\ell]` per layer.
-* :func:`active_units`: Burda et al.'s criterion :math:`A_u = \mathrm{Cov}_x(E_{q(z|x)}[z_u]) > 0.01`.
+* :func:`posterior_means`: :math:`E_{q(z|x)}[z_\ell]` per layer; :func:`posterior_moments` adds the posterior
+  variance and the Monte Carlo variance of the mean.
+* :func:`active_units`: a dim is active when x explains more than 1 % of its variance over the aggregate posterior,
+  :math:`\mathrm{Var}_x(E[z_u|x]) / \mathrm{Var}(z_u) > 0.01` (:func:`explained_share`; scale-free); Burda et al.'s
+  :math:`\mathrm{Var}_x(E_{q(z|x)}[z_u]) > 0.01`, which suits unit-scale codes only, is kept beside it.
 * :func:`linear_probe`: multinomial logistic regression from codes to class labels.
 """
 
@@ -29,15 +32,18 @@ from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, Normal, kl_divergence
 
 from ..experiments.interventions import eval_mode
-from .assignment import ACTIVE_VARIANCE
+from .assignment import ACTIVE_SHARE, ACTIVE_VARIANCE
 
 __all__ = [
+    "ACTIVE_SHARE",
     "ImportanceEstimate",
     "active_units",
     "bits_per_dim",
+    "explained_share",
     "importance_log_likelihood",
     "linear_probe",
     "posterior_means",
+    "posterior_moments",
 ]
 
 
@@ -170,19 +176,24 @@ def bits_per_dim(nats: float, num_dims: int) -> float:
 
 
 @torch.no_grad()
-def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, sites=None) -> dict:
-    r"""Per-layer posterior means :math:`E_{q(z|x)}[z_\ell]`, as CPU tensors ``(N, d_\ell)``.
+def posterior_moments(guide, x: torch.Tensor, num_samples: int = 1, sites=None) -> dict:
+    r"""Per-layer posterior mean and variance, and the Monte Carlo variance of the mean, as CPU tensors ``(N, d)``.
 
-    The guide is traced ``num_samples`` times (vectorised); at each latent site the mean of the site's distribution
-    (its conditional mean given the guide's draws of the other layers) is averaged over the draws.  For a guide whose
-    layers all depend on ``x`` only (VLAE, VAE) one draw is exact.  For a sequential guide
-    (HVAE: :math:`q(z_\ell | z_{\ell-1})`) this is the Rao-Blackwellised Monte Carlo estimate
-    :math:`\frac1S \sum_s E[z_\ell | z_{\ell-1}^{(s)}]` of the marginal mean, with lower layers sampled.
+    The guide is traced ``num_samples`` times (vectorised); at each latent site the distribution's mean :math:`m_s`
+    and variance :math:`v_s` (given the guide's draws of the other layers) are read. With :math:`S` draws:
+    ``mean`` :math:`= \bar m = \frac1S \sum_s m_s`, ``variance`` :math:`= \frac1S \sum_s v_s +
+    \frac1S \sum_s (m_s - \bar m)^2` (the law of total variance: :math:`\mathrm{Var}(z_\ell | x)`) and
+    ``mc_variance`` :math:`= \frac{1}{S(S-1)} \sum_s (m_s - \bar m)^2`, the variance of the estimate :math:`\bar m`
+    (0 for one draw). For a guide whose layers depend on ``x`` only (VLAE, VAE) one draw is exact and
+    ``mc_variance`` is 0; for a sequential guide (HVAE: :math:`q(z_\ell | z_{\ell-1})`) the mean is the
+    Rao-Blackwellised Monte Carlo estimate of the marginal mean, with lower layers sampled.
 
     :param guide: the guide.
     :param x: data ``(N, ...)``.
     :param num_samples: draws ``S`` of the lower layers.
     :param sites: latent site names to return (default: every unobserved sample site of the guide).
+    :return: ``{site: {"mean", "variance", "mc_variance"}}``; ``variance`` is NaN where the site's distribution has
+        none.
     """
     n = x.shape[0]
     xs = x.unsqueeze(0).expand(num_samples, *x.shape).reshape(num_samples * n, *x.shape[1:])
@@ -193,24 +204,85 @@ def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, sites=None) ->
     ]
     out = {}
     for name in names:
-        mean = tr.nodes[name]["fn"].mean
-        out[name] = mean.reshape(num_samples, n, *mean.shape[1:]).mean(0).cpu()
+        fn = tr.nodes[name]["fn"]
+        m = fn.mean.reshape(num_samples, n, *fn.mean.shape[1:])
+        try:
+            v = fn.variance.reshape(m.shape).mean(0)
+        except NotImplementedError:
+            v = torch.full_like(m[0], float("nan"))
+        spread = m.var(0, unbiased=False) if num_samples > 1 else torch.zeros_like(m[0])
+        mc = spread / (num_samples - 1) if num_samples > 1 else torch.zeros_like(m[0])
+        out[name] = {"mean": m.mean(0).cpu(), "variance": (v + spread).cpu(), "mc_variance": mc.cpu()}
     return out
 
 
-def active_units(means: torch.Tensor, threshold: float = ACTIVE_VARIANCE) -> dict:
-    r"""Burda et al. (2016) active units: dimension ``u`` is active when
-    :math:`A_u = \mathrm{Cov}_x\big(E_{q(z|x)}[z_u]\big) > 0.01`.
+def posterior_means(guide, x: torch.Tensor, num_samples: int = 1, sites=None) -> dict:
+    r"""Per-layer posterior means :math:`E_{q(z|x)}[z_\ell]`, as CPU tensors ``(N, d_\ell)``: the ``mean`` of
+    :func:`posterior_moments` (one draw is exact for guides whose layers depend on ``x`` only; for a sequential guide,
+    the Monte Carlo average over ``num_samples`` draws of the lower layers)."""
+    return {s: m["mean"] for s, m in posterior_moments(guide, x, num_samples, sites).items()}
+
+
+def explained_share(mean, variance, mc_variance=None) -> torch.Tensor:
+    r"""Per dim, the share of the code's variance over the aggregate posterior that ``x`` explains:
+
+    .. math:: \frac{\mathrm{Var}_x(E[z_u|x])}{\mathrm{Var}_x(E[z_u|x]) + E_x[\mathrm{Var}(z_u|x)]},
+
+    with :math:`\mathrm{Var}_x(E[z_u|x])` estimated as the variance of ``mean`` across items (``N - 1``) less the mean
+    of ``mc_variance`` (the Monte Carlo noise of the estimated means, which would otherwise count as signal), clipped
+    at 0. Scale-free: the same for a code multiplied by any constant; 0 for a dim without any variance.
+
+    :param mean: posterior means ``(N, d)``.
+    :param variance: posterior variances ``(N, d)``.
+    :param mc_variance: variances of the estimated means ``(N, d)``; ``None`` for exact means.
+    :return: float64 tensor ``(d,)``.
+    """
+    mean, variance = torch.as_tensor(mean).double(), torch.as_tensor(variance).double()
+    if mean.dim() != 2 or mean.shape[0] < 2 or variance.shape != mean.shape:
+        raise ValueError(f"mean and variance must both be (N, d) with N >= 2; got {tuple(mean.shape)}, "
+                         f"{tuple(variance.shape)}")  # fmt: skip
+    signal = mean.var(0, unbiased=True)
+    if mc_variance is not None:
+        signal = signal - torch.as_tensor(mc_variance).double().mean(0)
+    signal = signal.clamp_min(0.0)
+    total = signal + variance.mean(0)
+    return torch.where(total == 0, torch.zeros_like(total), signal / torch.where(total == 0, 1.0, total))  # NaN stays
+
+
+def active_units(
+    means, threshold: float = ACTIVE_VARIANCE, *, variance=None, mc_variance=None, share: float = ACTIVE_SHARE
+) -> dict:
+    r"""Active units of a layer.
+
+    With ``variance``: dim ``u`` is active when x explains more than ``share`` of its variance
+    (:func:`explained_share`), a criterion that holds for codes of any scale (a Markov HVAE's lower layers have
+    learned scales) and discounts the Monte Carlo noise of estimated means. For a code whose aggregate posterior has
+    unit variance it is Burda et al.'s threshold. Without: Burda et al.'s (2016) criterion
+    :math:`A_u = \mathrm{Cov}_x\big(E_{q(z|x)}[z_u]\big) > 0.01`, which only suits unit-scale codes.
 
     :param means: posterior means ``(N, d)`` over a set of datapoints.
-    :param threshold: the activity threshold on the variance across datapoints.
-    :return: ``{"active": count, "dims": d, "variance": [A_u per dim]}``.
+    :param threshold: Burda et al.'s threshold on the variance of the means across datapoints.
+    :param variance: posterior variances ``(N, d)`` (:func:`posterior_moments`).
+    :param mc_variance: Monte Carlo variances of the means ``(N, d)``.
+    :param share: the threshold on the explained share.
+    :return: ``{"active", "dims", "variance", "criterion"}``: the count by the criterion in use, the dims, the
+        variance of the means per dim and ``"explained_share"`` or ``"mean_variance"``; with ``variance`` also
+        ``"explained_share"`` (per dim) and ``"active_mean_variance"`` (Burda et al.'s count). ``active`` is ``None``
+        where a share cannot be computed (a distribution without a variance).
     """
     means = torch.as_tensor(means).double()
     if means.dim() != 2 or means.shape[0] < 2:
         raise ValueError(f"means must have shape (N, d) with N >= 2, got {tuple(means.shape)}")
     var = means.var(dim=0, unbiased=True)
-    return {"active": int((var > threshold).sum()), "dims": int(means.shape[1]), "variance": var.tolist()}
+    old = int((var > threshold).sum())
+    out = {"active": old, "dims": int(means.shape[1]), "variance": var.tolist(), "criterion": "mean_variance"}
+    if variance is None:
+        return out
+    shares = explained_share(means, variance, mc_variance)
+    ok = bool(torch.isfinite(shares).all())
+    out.update(active=int((shares > share).sum()) if ok else None, criterion="explained_share")
+    return {**out, "explained_share": [v if math.isfinite(v) else None for v in shares.tolist()],
+            "active_mean_variance": old}  # fmt: skip
 
 
 def linear_probe(

@@ -87,24 +87,48 @@ def likelihood_block(model, guide, config, x, num_samples, batch_size, chunk_siz
 
 
 def mean_draws(guide) -> int:
-    """Draws used by :func:`codes_of`: 1 where every layer depends on ``x`` only (guides with ``posterior``)."""
+    """Draws used by :func:`moments_of`: 1 where every layer depends on ``x`` only (guides with ``posterior``)."""
     return 1 if hasattr(guide, "posterior") else SEQUENTIAL_MEAN_SAMPLES
 
 
-def codes_of(model, guide, x, batch_size) -> dict:
-    """Posterior means of every layer of ``x`` (one draw for VLAE/VAE guides, several for sequential ones)."""
+def moments_of(model, guide, x, batch_size) -> dict:
+    """Posterior mean, variance and Monte Carlo variance of the mean of every layer of ``x``
+    (:func:`~.likelihood.posterior_moments`; one draw for VLAE/VAE guides, several for sequential ones)."""
     draws = mean_draws(guide)
-    parts = [M.posterior_means(guide, xb, draws, sites=model.latent_sites) for xb in _batches(x, batch_size)]
-    return {s: torch.cat([p[s] for p in parts]) for s in model.latent_sites}
+    parts = [M.posterior_moments(guide, xb, draws, sites=model.latent_sites) for xb in _batches(x, batch_size)]
+    return {s: {k: torch.cat([p[s][k] for p in parts]) for k in parts[0][s]} for s in model.latent_sites}
 
 
-def latents_block(codes: dict, kls: dict, log) -> dict:
-    """Per layer: KL (and how it was computed), size, active units and the variance of each posterior-mean dim."""
+def codes_of(model, guide, x, batch_size) -> dict:
+    """Posterior means of every layer of ``x`` (the ``mean`` of :func:`moments_of`)."""
+    return {s: m["mean"] for s, m in moments_of(model, guide, x, batch_size).items()}
+
+
+def latents_block(moments: dict, kls: dict, log) -> dict:
+    """Per layer: KL (and how it was computed), size, active units (x explains over
+    :data:`~.likelihood.ACTIVE_SHARE` of the dim's variance), the share each dim's variance x explains, Burda et al.'s
+    count beside it (posterior-mean variance over 0.01) and the variance of each posterior-mean dim."""
     out = {}
-    for site, c in codes.items():
-        au = M.active_units(c) if c.shape[0] > 1 else {"active": None, "dims": c.shape[1], "variance": []}
-        out[site] = {**kls[site], "dims": au["dims"], "active_units": au["active"], "au_variance": au["variance"]}
-    log("layers: " + ", ".join(f"{s} KL {v['kl']:.3f}, {v['active_units']}/{v['dims']} active" for s, v in out.items()))
+    for site, m in moments.items():
+        c = m["mean"]
+        if c.shape[0] > 1:
+            au = M.active_units(c, variance=m["variance"], mc_variance=m["mc_variance"])
+        else:
+            au = {"active": None, "dims": c.shape[1], "variance": [], "explained_share": []}
+            au["active_mean_variance"] = None
+        out[site] = {
+            **kls[site], "dims": au["dims"], "active_units": au["active"], "au_variance": au["variance"],
+            "active_units_mean_variance": au["active_mean_variance"], "explained_share": au["explained_share"],
+            "active_share_threshold": M.ACTIVE_SHARE,
+        }  # fmt: skip
+    log(
+        "layers: "
+        + ", ".join(
+            f"{s} KL {v['kl']:.3f}, {v['active_units']}/{v['dims']} active "
+            f"({v['active_units_mean_variance']} by posterior-mean variance)"
+            for s, v in out.items()
+        )
+    )
     return out
 
 
@@ -149,7 +173,8 @@ def classifier_blocks(model, bundle, x_eval, y_eval, codes, train_codes, y_train
 
 
 def disentanglement_block(model, guide, bundle, max_items, batch_size, device, log, dci_estimator="gbt") -> dict:
-    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` test items with ground-truth factors.
+    """MIG, DCI, SAP per layer on the posterior means of up to ``max_items`` test items with ground-truth factors,
+    over the dims whose variance x explains (:func:`~.likelihood.explained_share`).
 
     DCI fits disentanglement_lib's gradient-boosted trees, one tree per factor value and boosting stage, on all codes
     and again on each layer: minutes on a CPU for the sprites factors.  ``dci_estimator="lda"`` takes the named
@@ -158,17 +183,19 @@ def disentanglement_block(model, guide, bundle, max_items, batch_size, device, l
     from .disentangle import evaluate_all
 
     x, factors = _split_data(bundle, "test", max_items)
-    codes = codes_of(model, guide, x.to(device), batch_size)
+    moments = moments_of(model, guide, x.to(device), batch_size)
     groups, start = [], 0
-    for site, c in codes.items():
-        groups.append((site, slice(start, start + c.shape[1])))
-        start += c.shape[1]
-    flat = torch.cat(list(codes.values()), 1).numpy()
+    for site, m in moments.items():
+        groups.append((site, slice(start, start + m["mean"].shape[1])))
+        start += m["mean"].shape[1]
+    flat = torch.cat([m["mean"] for m in moments.values()], 1).numpy()
+    share = torch.cat([M.explained_share(m["mean"], m["variance"], m["mc_variance"]) for m in moments.values()])
     slow = " (DCI's trees take minutes)" if dci_estimator == "gbt" else f" (DCI: the {dci_estimator} variant)"
     log(f"disentanglement: fitting SAP's and DCI's classifiers on {x.shape[0]} items{slow}")
     res = evaluate_all(
-        flat, factors.numpy(), groups=groups, factor_names=bundle.factor_names, dci_estimator=dci_estimator
-    )
+        flat, factors.numpy(), groups=groups, factor_names=bundle.factor_names, dci_estimator=dci_estimator,
+        explained_share=share.numpy(),
+    )  # fmt: skip
     log(
         f"disentanglement on {x.shape[0]} items: "
         + ", ".join(f"{k} {v:.3f}" for k, v in res["overall"]["summary"].items())
@@ -247,8 +274,9 @@ def evaluate_run(
         if config.model.likelihood == "bernoulli":  # the model was trained on binarised draws: score one fixed draw
             x_lik = torch.bernoulli(x_eval, generator=torch.Generator().manual_seed(seed))
         lik, kls = likelihood_block(model, guide, config, x_lik.to(device), num_samples, batch_size, chunk_size, log)
-        codes = codes_of(model, guide, x_eval.to(device), batch_size)
-        latents = latents_block(codes, kls, log)
+        moments = moments_of(model, guide, x_eval.to(device), batch_size)
+        codes = {s: m["mean"] for s, m in moments.items()}
+        latents = latents_block(moments, kls, log)
         block = {"likelihood": lik, "latents": latents}
         clf = None
         if not classifier:

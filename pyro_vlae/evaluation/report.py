@@ -14,6 +14,7 @@ import re
 
 from ..training.checkpoint import atomic_write_text
 from .assignment import RULE
+from .collapse import COLLAPSE_COLUMNS, collapse_lines, collapse_note
 
 MODEL_NAMES = {"vlae": "VLAE", "hvae": "Markov HVAE", "hvae-ar": "autoregressive HVAE", "vae": "VAE"}
 _LIKELIHOOD_NAMES = {
@@ -176,23 +177,35 @@ def _layers_section(ev, diag_block) -> list:
     for s in sites:
         extra += [k for k in diag[s] if k not in extra]
     probes = ev.get("probes", {})
-    header = ["layer", "dims", "KL (nats)", "active units"] + (["probe accuracy"] if probes else [])
+    share = any("explained_share" in latents[s] for s in sites)  # older eval.json: Burda et al.'s count only
+    header = ["layer", "dims", "KL (nats)", "active units"] + (["mean var > 0.01"] if share else [])
+    header += ["probe accuracy"] if probes else []
     rows = []
     for s in sites:
         v = latents[s]
         kl = fmt(v.get("kl")) + (" (MC)" if v.get("kl_method") == "monte-carlo" else "")
         probe = [v.get("probe_accuracy")] if probes else []
-        rows.append([s, v.get("dims"), kl, f"{v.get('active_units')}/{v.get('dims')}"] + probe)
+        old = [f"{v.get('active_units_mean_variance')}/{v.get('dims')}"] if share else []
+        rows.append([s, v.get("dims"), kl, f"{v.get('active_units')}/{v.get('dims')}"] + old + probe)
         rows[-1] += [diag[s].get(k) for k in extra]
     if "all" in probes:
-        rows.append(["all layers", None, None, None, probes["all"]["test_accuracy"]] + [None] * len(extra))
+        rows.append(["all layers", None, None, None] + [None] * share + [probes["all"]["test_accuracy"]])
+        rows[-1] += [None] * len(extra)
     header += [_label(k) for k in extra]
     lines = ["## Layers", ""] + _table(header, rows)
     notes = [
         "KL is E_q[log q(z_l|·) − log p(z_l|·)] averaged over the images: in closed form given the guide's parents "
         "where the prior is N(0, I), else Monte Carlo (MC; for a layer whose prior depends on the layer above this "
-        "term can be slightly negative). Active units: dims whose posterior mean varies across images with "
-        "variance > 0.01 (Burda et al. 2016)."
+        "term can be slightly negative). "
+        + (
+            "Active units: dims for which x explains over 1 % of the code's variance over the aggregate posterior, "
+            "Var_x(E[z|x]) / Var(z) > 0.01 (a scale-free criterion; the Monte Carlo noise of estimated means is "
+            "discounted); beside it, Burda et al.'s (2016) count, posterior-mean variance > 0.01, which suits "
+            "unit-scale codes only."
+            if share
+            else "Active units: dims whose posterior mean varies across images with variance > 0.01 (Burda et al. "
+            "2016)."
+        )
     ]
     draws = ev.get("settings", {}).get("posterior_mean_draws", 1)
     if draws > 1:
@@ -247,41 +260,6 @@ def _classifier_section(ev, gibbs) -> list:
     return lines + [""]
 
 
-_COLLAPSE_COLS = ("spread_ratio", "pixel_variance_ratio", "class_entropy_ratio", "fd_ratio")  # pixel: older runs
-
-
-def _collapse_lines(collapse: dict) -> list:
-    """The collapse verdict in words, first, so that a collapsed chain is never read as converged."""
-    bad = {n: c for n, c in sorted(collapse.items(), key=lambda kv: (kv[0] != "z1", kv[0])) if c.get("collapsed")}
-    if not bad:
-        return [f"No collapse detected in the chains keeping {', '.join(collapse)}.", ""] if collapse else []
-    out = []
-    for name, c in bad.items():
-        why = "; ".join(c.get("reasons") or ["collapse flagged"])
-        out.append(
-            f"**The Gibbs chain keeping {name} collapsed ({why}): it is not converged, and its states are not "
-            "samples of the data distribution.**"
-        )
-        out.append("")
-    return out
-
-
-def _collapse_note(collapse: dict) -> str:
-    if not collapse:
-        return "No collapse check was recorded for these chains."
-    t = next((c["thresholds"] for c in collapse.values() if isinstance(c.get("thresholds"), dict)), None)
-    note = "Ratios, from independent chains at their last step: spread (variance along the test images' principal "
-    note += "directions) and class entropy over the test images', Fréchet distance over as many ancestral samples'" + (
-        f"; a chain is flagged as collapsed below {fmt(t.get('spread_ratio', t.get('pixel_variance_ratio')))}, below "
-        f"{fmt(t.get('class_entropy_ratio'))} or above {fmt(t.get('fd_ratio'))}."
-        if t
-        else "."
-    )
-    if any(c.get("collapsed") for c in collapse.values()):
-        note += " Here a chain collapsed, so these R-hat and ESS values are no evidence of convergence to the data."
-    return note
-
-
 def _gibbs_section(gibbs) -> list:
     if not isinstance(gibbs, dict) or not gibbs:
         return []
@@ -296,18 +274,17 @@ def _gibbs_section(gibbs) -> list:
             cols += [k for k, v in block.items() if _is_number(v) and k not in cols]
         rows = [[name] + [block.get(c) for c in cols] for name, block in chains.items()]
         collapse = {n: b["collapse"] for n, b in chains.items() if isinstance(b.get("collapse"), dict)}
-        ccols = [c for c in _COLLAPSE_COLS if any(_is_number(v.get(c)) for v in collapse.values())]
+        ccols = [c for c in COLLAPSE_COLUMNS if any(_is_number(v.get(c)) for v in collapse.values())]
         if collapse:
             rows = [r + [collapse.get(r[0], {}).get(c) for c in ccols] + [collapse.get(r[0], {}).get("collapsed")]
                     for r in rows]  # fmt: skip
         head = [_label(c) for c in cols] + ([_label(c) for c in ccols] + ["collapsed"] if collapse else [])
-        lines += _collapse_lines(collapse)
+        lines += collapse_lines(collapse)
         lines += _table(["chain keeps"] + head, rows)
         lines += [
             "R-hat near 1 and a large effective sample size say only that the chains, started at different test "
             "images, forgot their starts (worst over the tracked statistics: mean intensity, each code, class "
-            "probabilities); chains that all fall into the same degenerate state agree too. "
-            + _collapse_note(collapse),
+            "probabilities); chains that all fall into the same degenerate state agree too. " + collapse_note(collapse),
             "",
         ]
     else:
@@ -317,9 +294,23 @@ def _gibbs_section(gibbs) -> list:
 
 
 def _share_table(a, key: str, assigned: str) -> list:
-    rows = [[layer] + list(a[key][i]) for i, layer in enumerate(a["layers"])]
+    """Layers by factors of ``a[key]``, each cell with its interval where ``a`` holds one, then the assignment row."""
+    band = a.get(f"{key}_interval")
+
+    def cell(i, k):
+        v = a[key][i][k]
+        return fmt(v) if not band or v is None else f"{fmt(v)} [{fmt(band['low'][i][k])}, {fmt(band['high'][i][k])}]"
+
+    rows = [[layer] + [cell(i, k) for k in range(len(a["factors"]))] for i, layer in enumerate(a["layers"])]
     rows.append(["assigned layer"] + [a[assigned].get(f) for f in a["factors"]])
     return _table(["layer"] + list(a["factors"]), rows)
+
+
+def _active_words(settings) -> str:
+    if settings.get("active_criterion") == "explained_share":
+        return f"active dims only (x explains over {settings.get('active_share', 0.01):.0%} of the dim's variance)"
+    t = settings.get("active_variance")
+    return "active dims only" + (f" (posterior-mean variance > {fmt(t)})" if t else "")
 
 
 def _disentanglement_section(dis) -> list:
@@ -333,14 +324,21 @@ def _disentanglement_section(dis) -> list:
         rows.append([name] + [res.get("summary", {}).get(c) for c in cols])
     lines += _table(["codes"] + [_label(c) for c in cols], rows)
     a, settings = dis.get("assignment"), dis.get("settings") or {}
-    if a:
-        t = settings.get("active_variance")
-        active = "active dims only" + (f" (posterior-mean variance > {fmt(t)})" if t else "")
-        lines += [f"Share of each factor's mutual information carried by each layer, over {active}. {RULE}", ""]
+    active = _active_words(settings)
+    if a and a.get("rule") == "top_dim":
+        level = (a.get("bootstrap") or {}).get("level")
+        band = f" ({level:.0%} bootstrap interval in brackets)" if level else ""
+        lines += [f"Normalised information about each factor of each layer's best single dim{band}, over {active}."]
+        lines += [RULE, ""] + _share_table(a, "best_unit_nmi", "assigned_layer")
+        lines += [f"Share of each factor's mutual information carried by each layer, summed over its dims{band}.", ""]
+        lines += _share_table(a, "mi_mass", "assigned_layer_by_mi_mass")
+    elif a:  # an eval.json from before the best-dim rule: its headline was the summed share
+        lines += [f"Share of each factor's mutual information carried by each layer, over {active}; assigned by "
+                  "the summed share (an earlier rule: evaluate the run again for the best-dim rule).", ""]  # fmt: skip
         lines += _share_table(a, "mi_mass", "assigned_layer")
-        if "importance_share" in a:
-            lines += ["Share of each factor's DCI importance (fit on the active codes) carried by each layer.", ""]
-            lines += _share_table(a, "importance_share", "assigned_layer_by_importance")
+    if a and "importance_share" in a:
+        lines += ["Share of each factor's DCI importance (fit on the active codes) carried by each layer.", ""]
+        lines += _share_table(a, "importance_share", "assigned_layer_by_importance")
     lda = settings.get("dci_estimator") == "lda"
     dci = "DCI from the LDA variant, not comparable with published DCI" if lda else "DCI from gradient-boosted trees"
     lines.append(

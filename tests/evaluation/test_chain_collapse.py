@@ -63,6 +63,52 @@ def test_chain_of_real_data_is_not_flagged(bars):
     assert out["spread_ratio"] == pytest.approx(1.0, abs=0.15)
     assert out["class_entropy_ratio"] == pytest.approx(1.0, abs=0.05)
     assert out["fd_ratio"] == pytest.approx(1.2)
+    assert out["mode_images"] == 300 and out["modes_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert out["distinct_modes"] > 250 and out["duplicate_rate"] < 0.1
+
+
+@pytest.mark.parametrize("modes", [1, 6, 20], ids=["1", "6", "20"])
+def test_chain_stuck_on_a_few_images_is_flagged_by_its_distinct_modes(bars, modes):
+    """Issue 29 item 10: 256 states that are ``modes`` data images repeated (each copy jittered far below the data's
+    own nearest-neighbour distance), with no classifier and no Fréchet distance. Six or twenty images keep most of
+    the data's spread along its principal directions, so the spread check passes them; the count of distinct modes
+    (states within the data's 5 % nearest-neighbour distance of each other are one mode) does not."""
+    x, _, _ = bars
+    g = torch.Generator().manual_seed(modes)
+    states = x[torch.arange(256) % modes] + 0.01 * torch.randn(256, 1, 16, 16, generator=g)
+    out = C.chain_collapse(states, x[300:])
+    assert out["collapsed"]
+    assert out["distinct_modes"] == modes and out["reference_distinct_modes"] > 200 and out["mode_images"] == 256
+    assert out["duplicate_rate"] == 1.0  # every state has a twin
+    assert any(f"distinct modes {modes} among 256 states" in r for r in out["reasons"])
+    if modes > 1:
+        assert out["spread_ratio"] > C.COLLAPSE_SPREAD_RATIO  # the check that was there before sees nothing
+
+
+def test_smooth_states_are_counted_against_smooth_samples():
+    """Mean images are smoother than data images, so they crowd closer together: blurred data images (a healthy
+    set of smooth images) form a seventh of the modes of as many data images at the data's radius, as the ancestral
+    mean images of a shapes3d VLAE did (36 of 249). Against as many independent images of their own kind (the
+    Gibbs verdict passes ancestral mean images) they are not flagged, and twenty repeated ones still are."""
+    x, _ = make_synthetic(900, seed=0)
+    blur = lambda t: nn.functional.avg_pool2d(t, 3, 1, 1)  # noqa: E731
+    smooth, reference, baseline = blur(x[:256]), x[300:], blur(x[600:856])
+    assert C.chain_collapse(smooth, reference)["modes_ratio"] < 0.2  # against data images: a false alarm
+    out = C.chain_collapse(smooth, reference, baseline=baseline)
+    assert not out["collapsed"] and out["modes_ratio"] > 0.9 and out["modes_reference"] == "baseline"
+    stuck = C.chain_collapse(blur(x[torch.arange(256) % 20]), reference, baseline=baseline)
+    assert stuck["collapsed"] and stuck["distinct_modes"] == 20
+    assert any("among as many independent samples" in r for r in stuck["reasons"])
+
+
+def test_distinct_modes_of_exact_copies_and_of_too_few_images():
+    """Exact copies are one mode whatever the data's duplicate distance (it may be 0 when the data repeat images);
+    fewer than :data:`MIN_MODE_IMAGES` states are not judged."""
+    ref = torch.rand(100, 8, generator=torch.Generator().manual_seed(0))
+    out = C.distinct_modes(ref[:3].repeat(30, 1), torch.cat([ref[:10]] * 10))  # data: 10 images, each 10 times
+    assert out["duplicate_radius"] == 0.0 and out["distinct_modes"] == 3 and out["reference_distinct_modes"] == 10
+    small = C.chain_collapse(ref[:1].repeat(5, 1), ref)
+    assert small["distinct_modes"] is None and not any("modes" in r for r in small["reasons"])
 
 
 def test_chain_stuck_on_two_digits_is_flagged_by_class_entropy(bars):
@@ -147,10 +193,24 @@ def test_collapsed_chain_reaches_eval_json_report_and_summary(bars):
     assert "COLLAPSED" in D.collapse_summary(gibbs)
 
 
-def test_healthy_gibbs_block_reads_as_not_collapsed():
-    block = {"max_rhat": 1.01, "collapse": {"collapsed": False, "reasons": [], "pixel_variance_ratio": 0.9}}
+def test_healthy_gibbs_block_reads_as_not_collapsed(bars):
+    """The block is what the verdict writes for a healthy chain (states: real data images), so the report reads the
+    keys the verdict writes today: no collapse, and its spread and modes ratios in the table."""
+    x, _, _ = bars
+    collapse = C.chain_collapse(x[:300], x[300:])
+    block = {"max_rhat": 1.01, "collapse": collapse}
     gibbs = {"num_chains": 8, "chains": {"z1": block}, "collapse_detected": False}
     text = "\n".join(R._gibbs_section(gibbs))
-    assert "No collapse detected" in text and "collapsed (" not in text
+    assert "No collapse detected" in text and "collapsed (" not in text and "COLLAPSED" not in text
+    row = f"| z1 | 1.010 | {R.fmt(collapse['spread_ratio'])} | {R.fmt(collapse['modes_ratio'])} | no |"
+    assert "| chain keeps | max R-hat | spread ratio | modes ratio | collapsed |" in text and row in text
+    assert "modes below 0.5" in text
     assert D.collapse_summary(gibbs).startswith("Gibbs chains: no collapse detected")
     assert D.collapse_summary({"num_chains": 8}) is None  # an eval.json from before the check
+
+
+def test_gibbs_block_of_an_older_run_shows_its_pixel_variance_ratio():
+    """Runs evaluated before the spread check wrote ``pixel_variance_ratio``; the report still shows it."""
+    block = {"max_rhat": 1.01, "collapse": {"collapsed": False, "reasons": [], "pixel_variance_ratio": 0.9}}
+    text = "\n".join(R._gibbs_section({"num_chains": 8, "chains": {"z1": block}}))
+    assert "| z1 | 1.010 | 0.9000 | no |" in text and "No collapse detected" in text

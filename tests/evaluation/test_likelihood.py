@@ -187,3 +187,115 @@ def test_linear_probe_separable_and_uninformative_codes():
     assert M.linear_probe(ctr, ytr, cte, yte, 3) == res  # deterministic
     noise = M.linear_probe(torch.randn(300, 2, generator=gen), ytr, torch.randn(150, 2, generator=gen), yte, 3)
     assert noise["test_accuracy"] < 0.5
+
+
+def _scaled_guide(x=None, *, batch_size=None, kl_scale=1.0):
+    """``z1``: a code of scale 0.05 that x determines (posterior scale 1e-3); ``z2``: unit noise that ignores x;
+    ``z3 = 5 z2`` (scale 1e-3 about it): noise of scale 5 reached through a sampled lower layer, so its posterior mean
+    is a Monte Carlo average over draws of ``z2``, as a Markov HVAE's upper layers are."""
+    n = x.shape[0]
+    with pyro.plate("data", n):
+        pyro.sample("z1", dist.Normal(0.05 * x[:, :1], 1e-3).to_event(1))
+        z2 = pyro.sample("z2", dist.Normal(torch.zeros(n, 1, dtype=x.dtype), 1.0).to_event(1))
+        pyro.sample("z3", dist.Normal(5.0 * z2, 1e-3).to_event(1))
+
+
+def test_activity_is_the_share_of_variance_x_explains():
+    """Issue 29 item 8: a code of scale 0.05 fully determined by x is active, noise is not at any scale. Burda et
+    al.'s posterior-mean variance > 0.01 (kept as ``active_mean_variance``) gets two of three wrong: 0.05**2 is below
+    the threshold, and the 16-draw mean of noise of scale 5 varies by 25/16 across items (the unit noise's mean is
+    exactly 0: it depends on no draw)."""
+    x = torch.randn(1000, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    moments = M.posterior_moments(_scaled_guide, x, num_samples=16)
+    au = {
+        s: M.active_units(m["mean"], variance=m["variance"], mc_variance=m["mc_variance"]) for s, m in moments.items()
+    }
+    assert [au[s]["active"] for s in ("z1", "z2", "z3")] == [1, 0, 0]
+    assert au["z1"]["explained_share"][0] > 0.99
+    assert au["z2"]["explained_share"][0] < M.ACTIVE_SHARE and au["z3"]["explained_share"][0] < M.ACTIVE_SHARE
+    assert [au[s]["active_mean_variance"] for s in ("z1", "z2", "z3")] == [0, 0, 1]  # the old count
+    assert au["z3"]["variance"][0] == pytest.approx(25 / 16, rel=0.15)
+    assert au["z1"]["criterion"] == "explained_share" and M.active_units(moments["z1"]["mean"])["active"] == 0
+
+
+def test_posterior_moments_of_a_sequential_guide():
+    """Law of total variance over the draws: z1 ~ N(x, 1), z2 ~ N(2 z1, 1) gives Var(z2 | x) = 4 + 1; the Monte
+    Carlo mean's own variance is Var_s(E[z2 | z1_s]) / S = 4 / S; an exact layer has none."""
+
+    def guide(x=None, *, batch_size=None, kl_scale=1.0):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(x, 1.0).to_event(1))
+            pyro.sample("z2", dist.Normal(2 * z1, 1.0).to_event(1))
+
+    x = torch.linspace(-2, 2, 5).unsqueeze(1)
+    m = M.posterior_moments(guide, x, num_samples=4000)
+    torch.testing.assert_close(m["z1"]["variance"], torch.ones(5, 1))
+    assert torch.equal(m["z1"]["mc_variance"], torch.zeros(5, 1))
+    assert (m["z2"]["variance"] - 5.0).abs().max() < 0.4
+    assert (m["z2"]["mc_variance"] * 4000 - 4.0).abs().max() < 0.4
+    torch.testing.assert_close(M.posterior_means(guide, x, num_samples=3)["z2"].shape, torch.Size([5, 1]))
+    one = M.posterior_moments(guide, x, num_samples=1)["z2"]
+    assert torch.equal(one["mc_variance"], torch.zeros(5, 1))
+
+
+def test_explained_share_is_scale_free():
+    """Multiplying a layer's codes (means and posterior spread) by any constant leaves the share unchanged."""
+    g = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(300, 3, generator=g, dtype=torch.float64), torch.rand(300, 3, generator=g).double()
+    base = M.explained_share(mean, var)
+    for c in (0.01, 7.0):
+        torch.testing.assert_close(M.explained_share(c * mean, c**2 * var), base)
+    assert torch.equal(M.explained_share(torch.zeros(4, 1), torch.zeros(4, 1)), torch.zeros(1))  # no variance at all
+    nan = M.active_units(mean, variance=torch.full_like(var, float("nan")))  # a distribution without a variance
+    assert nan["active"] is None and nan["explained_share"] == [None] * 3 and nan["active_mean_variance"] == 3
+
+
+@pytest.mark.slow
+def test_activity_of_a_trained_markov_hvae_does_not_depend_on_units(tmp_path):
+    """A tiny Markov HVAE (codes 8 / 8 / 8, learned conditional scales) trained 400 steps on the synthetic bars. Its
+    z1 measured in units 20 times smaller is the same model (q(z1|x) and p(z1|z2) scaled by 0.05, z2's conditional
+    and the decoder reading z1 / 0.05): same p(x), same ELBO, same active units by the explained share, while Burda
+    et al.'s count drops to none. (2000 steps: z1 8/8 either way, z2 8/8, z3 6/6 by both, z1 rescaled 8/8 against
+    0/8.)"""
+    import dataclasses
+
+    from pyro_vlae.data import load_data
+    from pyro_vlae.evaluation.pipeline import SEQUENTIAL_MEAN_SAMPLES, moments_of
+    from pyro_vlae.experiments.interventions import eval_mode
+    from pyro_vlae.nets import children
+    from pyro_vlae.training import fit
+    from pyro_vlae.training.runs import RunConfig, load_run, write_config
+
+    preset = get_preset("tiny")
+    preset.train.num_steps = preset.train.checkpoint_every = 400
+    model_cfg = dataclasses.replace(preset.model, latent_dims=(8, 8, 8))
+    config = RunConfig("hvae", "synthetic", "tiny", model_cfg, preset.train, seed=0, data_dir=str(tmp_path / "data"))
+    bundle = load_data("synthetic", config.data_dir, preset.train.batch_size)
+    write_config(str(tmp_path), config)
+    fit(config, bundle, str(tmp_path), "cpu", progress=False, log=lambda *_: None)
+    model, guide, _, _ = load_run(str(tmp_path), "cpu")
+    x = bundle.tensors("test")[0][:500]
+
+    def counts(moments):
+        return {
+            s: M.active_units(m["mean"], variance=m["variance"], mc_variance=m["mc_variance"])
+            for s, m in moments.items()
+        }
+
+    base = counts(moments_of(model, guide, x, 100))
+    assert base["z1"]["active"] == base["z1"]["active_mean_variance"] == 8  # unit-scale z1: the criteria agree
+
+    def rescaled(x=None, *, batch_size=None, kl_scale=1.0, c=0.05):
+        h = x
+        with pyro.plate("data", x.shape[0]):
+            for l, net in enumerate(children(guide, "conditionals")[0], start=1):
+                loc, scale = net(h)
+                k = c if l == 1 else 1.0
+                h = pyro.sample(f"z{l}", dist.Normal(k * loc, k * scale).to_event(1)) / k
+
+    with eval_mode(guide):
+        small = counts(M.posterior_moments(rescaled, x, SEQUENTIAL_MEAN_SAMPLES))
+    assert small["z1"]["active"] == 8 and small["z1"]["active_mean_variance"] == 0
+    torch.testing.assert_close(
+        torch.tensor(small["z1"]["explained_share"]), torch.tensor(base["z1"]["explained_share"]), atol=1e-6, rtol=0
+    )

@@ -112,10 +112,40 @@ def test_disentanglement_assignment_table():
     assert "## Disentanglement" in text and "| codes | mig | mig sup |" in text
     assert "| layer | shape | x |" in text and "| assigned layer | z1 | z2 |" in text
     assert f"| all layers | {R.fmt(dis['overall']['summary']['mig'])} |" in text
-    assert R.fmt(dis["assignment"]["mi_mass"][0][0]) in text
-    assert "DCI importance (fit on the active codes)" in text and text.count("| assigned layer | z1 | z2 |") == 2
+    a = dis["assignment"]
+    assert R.fmt(a["mi_mass"][0][0]) in text
+    assert "DCI importance (fit on the active codes)" in text and text.count("| assigned layer | z1 | z2 |") == 3
     z1 = dis["layers"]["z1"]["summary"]  # a layer has no DCI disentanglement or completeness: "-" in their columns
     assert f"| z1 | {R.fmt(z1['mig'])} | {R.fmt(z1['mig_sup'])} | - | - | {R.fmt(z1['dci_informativeness'])} |" in text
+    # The headline table: each layer's best dim with its bootstrap interval, the rule under it.
+    band = a["best_unit_nmi_interval"]
+    cell = f"{R.fmt(a['best_unit_nmi'][0][0])} [{R.fmt(band['low'][0][0])}, {R.fmt(band['high'][0][0])}]"
+    assert f"| z1 | {cell} |" in text and "best single dim (95% bootstrap interval in brackets)" in text
+    assert text.index("best single dim") < text.index(R.RULE) < text.index("summed over its dims")
+    assert "posterior-mean variance > 0.01" in text  # no explained shares given: the old criterion, said so
+    shared = evaluate_all(codes.T, factors, groups=[("z1", slice(0, 2)), ("z2", slice(2, 4))], explained_share=[1] * 4)
+    shared_text = R.render_report(_evaluation(disentanglement=shared), _config(dataset="sprites"), [])
+    assert "over active dims only (x explains over 1% of the dim's variance)" in shared_text
+    # An eval.json from before the best-dim rule: its summed-share headline, said to be the earlier rule.
+    old = {k: v for k, v in a.items() if k not in ("rule", "assigned_layer_by_mi_mass")}
+    old_text = R.render_report(_evaluation(disentanglement={**dis, "assignment": old}), _config(dataset="sprites"), [])
+    assert "an earlier rule" in old_text and R.RULE not in old_text
+    assert old_text.count("| assigned layer | z1 | z2 |") == 2
+
+
+def test_layers_table_prints_both_activity_counts():
+    """With explained shares in eval.json, ``active units`` is the scale-free count and Burda et al.'s is beside it;
+    an older eval.json keeps its one column and its own wording."""
+    data = _evaluation()
+    for v, new, old in zip(data["evaluation"]["test"]["latents"].values(), (2, 1), (1, 0)):
+        v.update(active_units=new, active_units_mean_variance=old, explained_share=[0.9, 0.5])
+    text = R.render_report(data, _config(), [])
+    assert "| layer | dims | KL (nats) | active units | mean var > 0.01 |" in text
+    assert "| z1 | 2 | 3.338 | 2/2 | 1/2 |" in text and "| z2 | 2 | 1.23e-04 (MC) | 1/2 | 0/2 |" in text
+    assert "Var_x(E[z|x]) / Var(z) > 0.01" in text
+    text = R.render_report(_with_classifier(data), _config(), [])
+    assert "| all layers | - | - | - | - | 1.000 |" in text  # the probe of all layers stays in its column
+    assert "Var_x(E[z|x])" not in R.render_report(_evaluation(), _config(), [])
 
 
 def test_a_spread_factor_prints_as_spread():
@@ -128,7 +158,7 @@ def test_a_spread_factor_prints_as_spread():
     groups = [("z1", slice(0, 2)), ("z2", slice(2, 4))]
     dis = evaluate_all(codes, factors, groups=groups, factor_names=["split", "shape", "x"])
     text = R.render_report(_evaluation(disentanglement=dis), _config(dataset="sprites"), [])
-    assert text.count("| assigned layer | spread | z1 | - |") == 2
+    assert text.count("| assigned layer | spread | z1 | - |") == 3
     assert R.RULE in text and "`spread` where no layer leads" in text
 
 

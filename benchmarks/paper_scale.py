@@ -217,7 +217,7 @@ class Driver:
         reach = []
         for name, part in self.shapes3d.items():
             rec = last_record(self.work / name)
-            if part.running() and rec:
+            if part is not None and part.running() and rec:
                 reach.append(rec["step"] + rec["img_per_s"] / self.batch * max(0.0, deadline - now))
         if reach:
             self.target = int(min(reach))

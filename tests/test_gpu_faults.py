@@ -361,3 +361,41 @@ def test_the_fresh_process_runs_the_remaining_cases_and_keeps_the_earlier_rows(t
     assert [r["preset"] for r in rows] == ["earlier", "mnist-cpu", "no-such-preset"]
     assert "img_s" in rows[1]["modes"]["hand"] and "no-such-preset" in rows[2]["error"]
     assert json.loads(path.read_text())["rows"] == rows
+
+
+# ------------------------------------------------------------------------------------------- the real training command
+@pytest.mark.slow
+def test_the_forced_resume_that_restarts_a_failed_run_trains_on_from_its_checkpoint(tmp_path):
+    """restart_argv's resume, run by the real training command on a run that left a checkpoint."""
+    run = tmp_path / "run"
+    argv = ["--model", "vlae", "--dataset", "synthetic", "--preset", "tiny", "--fade-in", 0, "--num-steps", 6,
+            "--run-dir", run, "--cuda-graph", "auto", "--log-every", 2, "--checkpoint-every", 3, "--no-figures",
+            "--no-eval", "--no-progress", "--data-dir", tmp_path / "data"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-m", "pyro_vlae.run", *map(str, argv)], env=env, capture_output=True,
+                           text=True, timeout=HANG_S)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    again, how = PR.restart_argv([*argv[:9], 10, *argv[10:]], run)  # asks for 10 steps: the resume trains 4 more
+    assert how == "forced resume from its checkpoint at step 6"
+    proc = subprocess.run([sys.executable, "-m", "pyro_vlae.run", *map(str, again)], env=env, capture_output=True,
+                          text=True, timeout=HANG_S)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert PR.checkpoint_step(run) == 10
+    assert json.loads((run / "config.json").read_text())["train"]["cuda_graph"] == "off"
+
+
+@pytest.mark.slow
+def test_the_dry_run_with_cuda_graph_on_restarts_every_run_eagerly_and_packs_them(tmp_path):
+    """``--cuda-graph on`` on a CPU makes every real run exit with 2 at once; each is restarted with off, trains, is
+    stopped at the deadline and packed, and the summary says so."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, os.path.join(BENCH, "paper_scale.py"), "--dry-run", "--budget-s", "240", "--cuda-graph",
+           "on", "--out", str(tmp_path / "out"), "--work-dir", str(work)]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=HANG_S)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((work / "paper_scale.json").read_text())
+    for name, run in summary["runs"].items():
+        assert run["restart"]["first"]["rc"] == 2 and run["restart"]["how"].startswith("a fresh run"), (name, run)
+        assert run["rc"] == 143 and run["status"] == "ok" and run["step"] > 0, (name, run)
+    assert len(summary["pack"]["runs"]) == 4

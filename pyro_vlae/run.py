@@ -111,11 +111,17 @@ def visualize(run_dir: str, device="cpu", log=print) -> list:
 
 def resumed_config(args, resume: dict, cuda: bool) -> RunConfig:
     """The config to continue the run ``args.resume`` with, from its loaded checkpoint ``resume``: refused (before any
-    data is read or file written) when the checkpoint belongs to another run, when flags contradict the saved run
-    without ``--force-config``, or when the result is not a valid objective.
+    data is read or file written) when the checkpoint is a float16 copy that cannot resume, when it belongs to another
+    run, when flags contradict the saved run without ``--force-config``, or when the result is not a valid objective.
 
     :raises ValueError: naming the problem and the fix.
     """
+    if resume.get("resumable") is False:  # benchmarks/model_pack.py's float16 copy: no optimiser or RNG state
+        raise ValueError(
+            f"refusing to resume {args.resume}: its checkpoint is a float16 copy for evaluation and export (no "
+            "optimiser or RNG state), so it cannot be resumed; start a new run from its weights, or resume the "
+            "original run folder"
+        )
     config = saved_config(resume)
     check_run_identity(args.resume, config)
     conflicts = resume_conflicts(args, config)

@@ -65,11 +65,6 @@ def test_a_run_the_driver_stopped_ships_from_the_returned_parts(returned_run, ch
             assert torch.equal(loaded[k], v.float() if v.is_floating_point() else v), (part, k)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyro_vlae/run.py resumes a float16 copy (empty optimiser state) with fresh Adam moments; it should refuse "
-    "a checkpoint whose 'resumable' is False",
-)
 def test_resuming_a_returned_run_is_refused(returned_run, capsys):
     from pyro_vlae.run import main
 

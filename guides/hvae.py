@@ -20,15 +20,16 @@ from pyro_vlae.nets import (
 
 
 class MarkovHVAEGuide(PyroModule):
-    r"""``q(z|x) = q(z_1 | x) \prod_{\ell \ge 2} q(z_\ell | z_{\ell-1})``.
+    r"""Markov HVAE guide, :math:`q(z \mid x) = q(z_1 \mid x) \prod_{\ell \ge 2} q(z_\ell \mid z_{\ell-1})`.
 
-    ``q(z_1|x)`` mirrors ``f_0`` with stride-2 convolutions; ``q(z_\ell | z_{\ell-1})`` mirrors ``f_\ell``: a
-    two-layer dense net with a linear mean and a sigmoid standard deviation.  It serves both the Markov and the
-    autoregressive HVAE (the guide family is free; Propositions 1 and 2 hold for any ``q``).
+    :math:`q(z_1 \mid x)` mirrors :math:`f_0` with stride-2 convolutions; :math:`q(z_\ell \mid z_{\ell-1})` mirrors
+    :math:`f_\ell`: a two-layer dense net with a linear mean and a sigmoid standard deviation.  It serves both the
+    Markov and the autoregressive HVAE (the guide family is free; Propositions 1 and 2 hold for any :math:`q`).
 
-    For vector data ``(D,)``, ``q(z_1|x)`` is a dense net (``fc_layers``) and a Gaussian head.  With
-    ``conditionals="affine"`` every ``q(z_\ell | z_{\ell-1})`` is ``N(W z_{\ell-1} + b, diag(s_\ell)^2)``, and so is
-    ``q(z_1|x)`` for vectors: the exact posteriors of a linear-Gaussian Markov model with diagonal posteriors.
+    For vector data ``(D,)``, :math:`q(z_1 \mid x)` is a dense net (``fc_layers``) and a Gaussian head.  With
+    ``conditionals="affine"`` every :math:`q(z_\ell \mid z_{\ell-1})` is
+    :math:`N(W z_{\ell-1} + b, \mathrm{diag}(s_\ell)^2)`, and so is :math:`q(z_1 \mid x)` for vectors: the exact
+    posteriors of a linear-Gaussian Markov model with diagonal posteriors.
 
     :param config: the architecture; must be the one the model was built with.
     :param name: Pyro name prefix of the parameters.
@@ -47,7 +48,8 @@ class MarkovHVAEGuide(PyroModule):
         self.conditionals = nn.ModuleList([first] + rest)
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        """Sample ``z_1 ~ q(z_1|x)``, then each ``z_l ~ q(z_l | z_{l-1})``.  Returns the sampled codes."""
+        r"""Sample :math:`z_1 \sim q(z_1 \mid x)`, then each :math:`z_\ell \sim q(z_\ell \mid z_{\ell-1})`.  Returns
+        the sampled codes."""
         if x is None:
             shape = ", ".join(map(str, ("N", *self.config.image_shape)))
             raise ValueError(f"{type(self).__name__} needs data: call guide(x) with a batch of shape ({shape})")

@@ -11,7 +11,8 @@ from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_si
 
 
 class VAEGuide(PyroModule):
-    """``q(z1|x)``: convolutions, ``fc_layers`` dense blocks, Gaussian head.  Scales its site by ``kl_scale * beta``."""
+    r"""Flat VAE guide :math:`q(z_1 \mid x)`: convolutions, ``fc_layers`` dense blocks, Gaussian head.  Scales its site
+    by ``kl_scale * beta``."""
 
     def __init__(self, config: ModelConfig, name: str = "guide"):
         super().__init__(name)

@@ -12,17 +12,18 @@ from pyro_vlae.nets import MLP, ConvEncoder, GaussianHead, ModelConfig, batch_si
 
 
 class VLAEGuide(PyroModule):
-    r"""Ladder inference network ``q(z|x)``.
+    r"""Ladder inference network :math:`q(z \mid x)` (Eq. 12-13).
 
     .. math::
 
         h_0 = x, \qquad h_\ell = g_\ell(h_{\ell-1}), \qquad z_\ell \sim N(\mu_\ell(h_\ell), \sigma_\ell(h_\ell))
 
-    ``g_1`` is the convolutional stack (flattened), ``g_\ell`` for ``\ell \ge 2`` are ``fc_layers`` dense blocks plus a
-    linear map.  Heads are a linear mean and a ``sigmoid + 0.001`` scale.  This is ``config.inference == "trunk"``.
+    :math:`g_1` is the convolutional stack (flattened), :math:`g_\ell` for :math:`\ell \ge 2` are ``fc_layers`` dense
+    blocks plus a linear map.  Heads are a linear mean and a ``sigmoid + 0.001`` scale.  This is
+    ``config.inference == "trunk"``.
 
-    ``config.inference == "branches"`` is the reference code's network (``vladder.py``): with ``C`` a convolutional
-    stack, ``D`` ``fc_layers`` dense blocks and ``Head`` the Gaussian head above,
+    ``config.inference == "branches"`` is the reference code's network (``vladder.py``): with :math:`C` a
+    convolutional stack, :math:`D` ``fc_layers`` dense blocks and :math:`\mathrm{Head}` the Gaussian head above,
 
     .. math::
 
@@ -30,12 +31,12 @@ class VLAEGuide(PyroModule):
         t_\ell = W_\ell D_\ell(t_{\ell-1}) + w_\ell \ (2 \le \ell < L), \qquad
         z_\ell \sim \mathrm{Head}_\ell(B_\ell(t_{\ell-1})) \ (\ell \ge 2)
 
-    where ``C_1`` (the reference's ``ladder0``) and ``C_0`` (``inference0``) are separate stacks and each ``B_\ell`` is
-    a ``D`` of its own (``ladder1``, ``ladder2``, ...).
+    where :math:`C_1` (the reference's ``ladder0``) and :math:`C_0` (``inference0``) are separate stacks and each
+    :math:`B_\ell` is a :math:`D` of its own (``ladder1``, ``ladder2``, ...).
 
-    Every ``q(z_\ell|x)`` reads ``x`` only, so the layers are independent given ``x``.  The posteriors are computed
-    bottom-up and sampled top-down, ``z_L .. z_1``, in the model's order: Pyro's ``TraceMeanField_ELBO`` checks that
-    the two orders agree before it uses analytic KLs.
+    Every :math:`q(z_\ell \mid x)` reads :math:`x` only, so the layers are independent given :math:`x`.  The posteriors
+    are computed bottom-up and sampled top-down, :math:`z_L, \dots, z_1`, in the model's order: Pyro's
+    ``TraceMeanField_ELBO`` checks that the two orders agree before it uses analytic KLs.
 
     :param config: the architecture; must be the one the model was built with.
     :param name: Pyro name prefix of the parameters.
@@ -61,7 +62,7 @@ class VLAEGuide(PyroModule):
         self.heads = nn.ModuleList([GaussianHead(d, z) for d, z in zip(dims, c.latent_dims)])
 
     def posterior(self, x):
-        """Return ``[(loc_1, scale_1), ..., (loc_L, scale_L)]`` of ``q(z_l | x)`` without sampling."""
+        r"""Return ``[(loc_1, scale_1), ..., (loc_L, scale_L)]`` of :math:`q(z_\ell \mid x)` without sampling."""
         (heads,) = children(self, "heads")  # PyroModule re-registers a child's parameters on each access: look up once
         if self.config.inference == "branches":
             branches, trunk = children(self, "branches", "trunk")
@@ -77,7 +78,7 @@ class VLAEGuide(PyroModule):
         return out
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        """Sample every ``z_l ~ q(z_l | x)``.  ``x`` is required; returns the list of posterior means."""
+        r"""Sample every :math:`z_\ell \sim q(z_\ell \mid x)`.  ``x`` is required; returns the posterior means."""
         if x is None:
             raise ValueError("VLAEGuide needs data: call guide(x) with a batch of images (N, C, H, W)")
         kl_scale = check_kl_scale(kl_scale)

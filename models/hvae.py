@@ -23,7 +23,7 @@ from .likelihood import Likelihood
 
 
 class MarkovHVAEModel(PyroModule):
-    r"""Markov HVAE, ``p(x, z) = p(x | z_1) \prod_{\ell=1}^{L-1} p(z_\ell | z_{\ell+1}) p(z_L)`` (Eq. 4).
+    r"""Markov HVAE, :math:`p(x, z) = p(x \mid z_1) \prod_{\ell=1}^{L-1} p(z_\ell \mid z_{\ell+1})\, p(z_L)` (Eq. 4).
 
     Following Appendix B.1,
 
@@ -33,18 +33,18 @@ class MarkovHVAEModel(PyroModule):
         z_\ell \sim N\big(W_1 f_\ell(z_{\ell+1}),\ \mathrm{sigm}(W_2 f_\ell(z_{\ell+1}))^2\big), \qquad
         x \sim r(x; f_0(z_1))
 
-    with ``f_\ell`` a two-layer dense net (``fc_layers``) and ``f_0`` a dense map plus transposed convolutions.
-    For vector data ``(D,)`` the decoder ``f_0`` is dense only; with ``conditionals="affine"`` every
-    ``p(z_\ell | z_{\ell+1})`` is ``N(W z_{\ell+1} + b, diag(s_\ell)^2)`` and, for vectors, ``f_0`` is affine too, so a
-    ``gaussian-learned`` likelihood gives exactly the linear-Gaussian Markov models.
+    with :math:`f_\ell` a two-layer dense net (``fc_layers``) and :math:`f_0` a dense map plus transposed
+    convolutions.  For vector data ``(D,)`` the decoder :math:`f_0` is dense only; with ``conditionals="affine"``
+    every :math:`p(z_\ell \mid z_{\ell+1})` is :math:`N(W z_{\ell+1} + b, \mathrm{diag}(s_\ell)^2)` and, for vectors,
+    :math:`f_0` is affine too, so a ``gaussian-learned`` likelihood gives exactly the linear-Gaussian Markov models.
     Every conditional is a plain ``Normal(loc, scale)``, so ``poutine.reparam`` with ``LocScaleReparam(0)`` exposes
-    each layer's noise ``eps_l`` as a site ``z{l}_decentered`` (used for the Fig. 3 interventions).
+    each layer's noise :math:`\epsilon_\ell` as a site ``z{l}_decentered`` (used for the Fig. 3 interventions).
 
     :param config: the architecture (same widths and latent sizes as the matching VLAE preset).
     :param name: Pyro name prefix of the parameters.
     """
 
-    #: Whether ``p(z_l | .)`` sees every layer above (Eq. 3) or only the next one (Eq. 4).
+    #: Whether :math:`p(z_\ell \mid \cdot)` sees every layer above (Eq. 3) or only the next one (Eq. 4).
     autoregressive = False
 
     def __init__(self, config: ModelConfig, name: str = "model"):
@@ -67,7 +67,8 @@ class MarkovHVAEModel(PyroModule):
         return [f"z{l}" for l in range(1, self.config.num_layers + 1)]
 
     def forward(self, x=None, *, batch_size=None, kl_scale=1.0):
-        """Ancestral sampling ``z_L -> ... -> z_1 -> x``; observes ``x`` when given.  Returns the mean of ``x``."""
+        r"""Ancestral sampling :math:`z_L \to \dots \to z_1 \to x`; observes ``x`` when given.  Returns the mean of
+        ``x``."""
         c = self.config
         kl_scale = check_kl_scale(kl_scale)
         n = batch_size_of(x, batch_size, c.image_shape, type(self).__name__)
@@ -89,7 +90,7 @@ class MarkovHVAEModel(PyroModule):
 
 
 class AutoregressiveHVAEModel(MarkovHVAEModel):
-    r"""Autoregressive HVAE (Eq. 3): ``p(z_\ell | z_{>\ell})`` sees every layer above through concatenation.
+    r"""Autoregressive HVAE (Eq. 3): :math:`p(z_\ell \mid z_{>\ell})` sees every layer above through concatenation.
 
     This is the model Proposition 2 is about; its Gibbs chain keeps all of ``z``.
     """

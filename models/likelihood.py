@@ -1,4 +1,4 @@
-"""Observation distributions ``r(x; f_0(z~_1))`` (Eq. 10) shared by every model."""
+r"""Observation distributions :math:`r(x; f_0(\tilde z_1))` (Eq. 10) shared by every model."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .likelihood import Likelihood
 
 
 class VAEModel(PyroModule):
-    r"""``z_1 \sim N(0, I)`` of size ``sum(latent_dims)``, ``x \sim r(x; f_0(\mathrm{MLP}(z_1)))``.
+    r"""Flat VAE: :math:`z_1 \sim N(0, I)` of size ``sum(latent_dims)``, :math:`x \sim r(x; f_0(\mathrm{MLP}(z_1)))`.
 
     The single site is ``z1`` and sits under ``poutine.scale(kl_scale * beta)``, so ``beta`` weights the KL term
     exactly as in beta-VAE.  Same widths as the VLAE preset, so the comparison is at matched capacity.

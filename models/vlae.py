@@ -24,7 +24,7 @@ from .likelihood import Likelihood
 
 
 class VLAEModel(PyroModule):
-    r"""Generative VLAE: a flat prior ``p(z_1, ..., z_L) = N(0, I)`` and a ladder-shaped decoder.
+    r"""Generative VLAE: a flat prior :math:`p(z_1, \dots, z_L) = N(0, I)` and a ladder-shaped decoder (Eq. 8-11).
 
     .. math::
 
@@ -32,9 +32,10 @@ class VLAEModel(PyroModule):
         \tilde z_\ell = u_\ell([\tilde z_{\ell+1}; v_\ell(z_\ell)]), \qquad
         x \sim r(x; f_0(\tilde z_1))
 
-    ``z_L`` travels through the deepest network and ``z_1`` through the shallowest.  ``f_L`` and ``u_\ell`` for
-    ``\ell \ge 2`` are ``fc_layers`` dense blocks plus a linear map; as in the reference code, ``u_1`` is folded into
-    the first dense layer of ``f_0`` (a dense map to a feature map followed by transposed convolutions).
+    :math:`z_L` travels through the deepest network and :math:`z_1` through the shallowest.  :math:`f_L` and
+    :math:`u_\ell` for :math:`\ell \ge 2` are ``fc_layers`` dense blocks plus a linear map; as in the reference code,
+    :math:`u_1` is folded into the first dense layer of :math:`f_0` (a dense map to a feature map followed by
+    transposed convolutions).
 
     Sites: ``z1 .. zL`` (each under ``poutine.scale(kl_scale)``) and ``x``, inside ``pyro.plate("data")``.
 
@@ -70,7 +71,7 @@ class VLAEModel(PyroModule):
         return [f"z{l}" for l in range(1, self.config.num_layers + 1)]
 
     def decode(self, zs):
-        """Deterministic decoder: latent codes ``[z1, ..., zL]`` to raw outputs ``f_0(z~_1)``."""
+        r"""Deterministic decoder: latent codes ``[z1, ..., zL]`` to raw outputs :math:`f_0(\tilde z_1)`."""
         L = self.config.num_layers
         # Each access to a child module re-registers its parameters with Pyro (PyroModule.__getattr__); look every
         # child up once per call.

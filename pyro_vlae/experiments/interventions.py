@@ -74,7 +74,7 @@ def fix_layers(model: PyroModule, codes: dict[str, torch.Tensor]) -> Callable[..
     :returns: the conditioned model; it returns the mean images.
     :raises ValueError: naming the valid sites and their shapes.
 
-    Sixteen digits that share their top-layer code (Fig. 5's rows), the lower layers drawn from the prior:
+    Sixteen digits that share their top-layer code, the lower layers drawn from the prior:
 
     >>> import torch
     >>> import pyro_vlae as pv

@@ -159,8 +159,11 @@ def _layers(e):
 
 
 _DIS = ("evaluation", "test", "disentanglement")
-_RULES = (("share", "assigned_layer"), ("importance", "assigned_layer_by_importance"),
-          ("top dim", "assigned_layer_by_top_dim"))  # fmt: skip
+#: The evaluation's assignment rules: the headline (each layer's best single dim, named only when it leads by 2x with
+#: a bootstrap interval clear of the runner-up's), the summed information over a layer's dims (which duplicated dims
+#: can win) and the share of DCI importance.
+_RULES = (("best dim (headline)", "assigned_layer"), ("summed MI", "assigned_layer_by_mi_mass"),
+          ("DCI importance", "assigned_layer_by_importance"))  # fmt: skip
 
 
 def run_summary(tag, e) -> list[str]:
@@ -174,16 +177,25 @@ def run_summary(tag, e) -> list[str]:
     out.append(f"KL per layer {' / '.join(layers)} (nats): {kl}; active dims per layer: {act}; test ELBO "
                f"{_get(e, 'evaluation', 'test', 'likelihood', 'elbo', default=float('nan')):.1f}\n")  # fmt: skip
     rules = " | ".join(f"layer by {r}" for r, _ in _RULES)
-    out.append(f"| factor | accuracy (chance) | {rules} | best-dim NMI per layer |")
+    out.append(f"| factor | accuracy (chance) | {rules} | best-dim NMI per layer [95 % interval] |")
     out.append("|---|---|" + "---|" * len(_RULES) + "---|")
     factors = a.get("factors") or _get(e, *_DIS, "factor_names", default=[]) or []
     nmi = a.get("best_unit_nmi")
     for k, f in enumerate(factors):
         acc = _accuracy(_get(e, *_DIS, "overall", "dci"), k) or "-"
         rules = [str(_get(a, key, f, default="-")) for _, key in _RULES]
-        best = " / ".join("-" if m[k] is None else f"{float(m[k]):.2f}" for m in nmi) if nmi else "-"
+        best = " / ".join(_nmi(nmi, a.get("best_unit_nmi_interval"), l, k) for l in range(len(nmi))) if nmi else "-"
         out.append(f"| {f} | {acc} | " + " | ".join(rules) + f" | {best} |")
     return out
+
+
+def _nmi(nmi, interval, l, k) -> str:
+    """Layer ``l``'s best-dim normalised information about factor ``k``, with its bootstrap interval if any."""
+    if nmi[l][k] is None:
+        return "-"
+    if not interval or interval["low"][l][k] is None:
+        return f"{float(nmi[l][k]):.2f}"
+    return f"{float(nmi[l][k]):.2f} [{float(interval['low'][l][k]):.2f}, {float(interval['high'][l][k]):.2f}]"
 
 
 def report(root, tags) -> str:

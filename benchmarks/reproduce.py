@@ -195,8 +195,9 @@ def _shapes3d_rows(row, evals):
             row(f"{key}, {l} alone (active dims)", lambda e, key=key, l=l: _get(e, *_DIS, "layers", l, "summary", key))
     for k, f in enumerate(_factor_names(evals)):  # is the factor in the codes at all? (DCI's test accuracy)
         row(f"accuracy on `{f}` from all codes (chance)", lambda e, k=k: _accuracy(_get(e, *_DIS, "overall", "dci"), k))
-    for how, key in (("information share", "assigned_layer"), ("DCI importance", "assigned_layer_by_importance"),
-                     ("top dim", "assigned_layer_by_top_dim")):  # fmt: skip
+    for how, key in (("best dim with intervals (headline)", "assigned_layer"),
+                     ("summed information share", "assigned_layer_by_mi_mass"),
+                     ("DCI importance", "assigned_layer_by_importance")):  # fmt: skip
         for f in _factor_names(evals):
             row(f"layer of `{f}` by {how}", lambda e, f=f, key=key: _get(e, *_DIS, "assignment", key, f))
 

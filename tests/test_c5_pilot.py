@@ -84,11 +84,12 @@ def test_the_report_reads_every_rule_the_accuracy_and_active_dims(tmp_path):
         "factors": ["floor_hue", "shape"],
         "layers": ["z1", "z2"],
         "assigned_layer": {"floor_hue": "z1", "shape": "spread"},
+        "assigned_layer_by_mi_mass": {"floor_hue": "z1", "shape": None},
         "assigned_layer_by_importance": {"floor_hue": "z1", "shape": "z2"},
-        "assigned_layer_by_top_dim": {"floor_hue": "z1", "shape": None},
         "mi_mass": [[0.9, 0.4], [0.1, 0.6]],
         "importance_share": [[0.8, 0.3], [0.2, 0.7]],
         "best_unit_nmi": [[0.7, 0.05], [0.02, 0.06]],
+        "best_unit_nmi_interval": {"low": [[0.68, 0.0], [0.0, 0.01]], "high": [[0.72, 0.09], [0.04, 0.1]]},
     }
     dci = {"informativeness_per_factor": [0.98, 0.3], "chance_per_factor": [0.1, 0.27]}
     e = {
@@ -107,6 +108,6 @@ def test_the_report_reads_every_rule_the_accuracy_and_active_dims(tmp_path):
     (tmp_path / "run-b" / "eval.json").write_text(json.dumps({"step": 3000, "test": {}}))  # trained, not evaluated
     text = CP.report(str(tmp_path), ["run-a", "run-b"])
     assert "KL per layer z1 / z2 (nats): 8.50 / 0.01; active dims per layer: 2 / 0" in text
-    assert "| floor_hue | 0.98 (0.10) | z1 | z1 | z1 | 0.70 / 0.02 |" in text
-    assert "| shape | 0.30 (0.27) | spread | z2 | None | 0.05 / 0.06 |" in text
+    assert "| floor_hue | 0.98 (0.10) | z1 | z1 | z1 | 0.70 [0.68, 0.72] / 0.02 [0.00, 0.04] |" in text
+    assert "| shape | 0.30 (0.27) | spread | None | z2 | 0.05 [0.00, 0.09] / 0.06 [0.01, 0.10] |" in text
     assert "#### run-b: not evaluated" in text

@@ -190,7 +190,7 @@ def speed(c: Check, speed_json: Path):
     sizes = ["--cases", "mnist-cpu:16,shapes3d-32:8", "--steps", "2", "--repeats", "1", "--threads", "1"]
     sizes = sizes if c.dry_run else ["--steps", "10", "--repeats", "5"]
     argv = ["--device", dev, *sizes, "--no-side", "--json", speed_json]
-    argv += ["--no-graph"] if c.args.cuda_graph == "off" else []
+    argv += ["--no-graph"] if c.summary["cuda_graph"] == "off" else []
     p = Part(c, "speed", TARGETS["speed"], argv, min(SPEED_S, max(30, c.left() - 200)))
     res = p.wait()
     res["rows"] = read_json(speed_json).get("rows")
@@ -227,6 +227,7 @@ def cuda_tests(c: Check, gpu_ok: bool, limit_s: float):
 
 def run_check(args) -> int:
     c = Check(args)
+    c.pgids.write_text("")  # this check's groups only: a number left from an earlier check may be reused by now
     os.environ[PGIDS_ENV] = str(c.pgids)  # inherited: the paper-scale runs list their groups there too
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, c.on_signal)

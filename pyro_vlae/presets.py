@@ -38,6 +38,16 @@ class TrainConfig:
     :param tf32: on CUDA, matrix products and convolutions in TF32 (``True``) or full float32.
     :param precision: ``"fp32"``, or ``"bf16"``: the networks' forward pass in bfloat16 (autocast), weights, optimiser
         and every log-probability in float32.
+
+    Presets hold one; edit a copy for a run of your own:
+
+    >>> import dataclasses
+    >>> import pyro_vlae as pv
+    >>> train = dataclasses.replace(pv.get_preset("tiny").train, num_steps=4, lr=5e-4)
+    >>> train.num_steps, train.batch_size, train.anneal
+    (4, 16, 'exp:10')
+    >>> pv.TrainConfig.from_dict(train.to_dict()) == train  # the ``train`` block of config.json
+    True
     """
 
     num_steps: int = 5000
@@ -250,7 +260,18 @@ DEFAULT_PRESETS = {
 
 
 def get_preset(name: str) -> Preset:
-    """Return a deep copy of the preset ``name`` (so callers may edit it)."""
+    """Return a deep copy of the preset ``name`` (so callers may edit it).
+
+    :raises ValueError: for an unknown name, listing the known ones.
+
+    >>> import pyro_vlae as pv
+    >>> preset = pv.get_preset("mnist-cpu")
+    >>> preset.model.latent_dims, preset.model.image_shape, preset.train.batch_size
+    ((2, 2, 2), (1, 28, 28), 100)
+    >>> preset.train.num_steps = 100  # a copy: the registry keeps its own
+    >>> pv.get_preset("mnist-cpu").train.num_steps
+    6000
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[name]

@@ -22,16 +22,14 @@ from api import public_names  # noqa: E402  (docs/api/public_names.py, the Sphin
 
 #: Public names whose docstrings hold an example: add a name here when its docstring gains one.
 WITH_EXAMPLES = """
-DataBundle DatasetError FusedAdam ModelConfig ancestral_means fix_layers get_guide get_model gibbs_chain intervene_layer
-kl_per_dim latent_shapes latent_sites load_data load_pretrained traverse_layer variance_share
+DataBundle DatasetError FusedAdam ModelConfig RunConfig TrainConfig ancestral_means bits_per_dim build dci evaluate_all
+evaluate_run fit fix_layers frechet_distance get_classifier get_guide get_model get_preset gibbs_chain
+importance_log_likelihood intervene_layer kl_per_dim latent_shapes latent_sites load_data load_pretrained load_run mig
+resolve_device sap traverse_layer variance_share
 """.split()
 
-#: Public functions and classes still without an example (their docstrings are in modules being edited elsewhere);
-#: move a name to ``WITH_EXAMPLES`` when its example lands.
-AWAITING_EXAMPLES = """
-RunConfig TrainConfig bits_per_dim build dci evaluate_all evaluate_run fit frechet_distance get_classifier get_preset
-importance_log_likelihood load_run mig resolve_device sap
-""".split()
+#: Public functions and classes still without an example: move a name to ``WITH_EXAMPLES`` when its example lands.
+AWAITING_EXAMPLES: list[str] = []
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 ROOT = pathlib.Path(__file__).resolve().parents[1]

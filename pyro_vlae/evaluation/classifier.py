@@ -132,26 +132,20 @@ def _batched(
 
 
 def predict(clf: SmallCNN, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted classes, as a CPU ``LongTensor`` ``(N,)``, of images ``x`` ``(N, C, H, W)`` in [0, 1] (any device).
-
-    :param batch_size: inference batch size.
-    """
+    """Predicted classes, as a CPU ``LongTensor`` ``(N,)``, of images ``x`` ``(N, C, H, W)`` in [0, 1] (any device),
+    in inference batches of ``batch_size``."""
     return _batched(clf, x, batch_size, lambda b: clf(b).argmax(dim=1))
 
 
 def extract_features(clf: SmallCNN, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate features, as a CPU tensor ``(N, feature_dim)``, of images ``x`` ``(N, C, H, W)`` in [0, 1].
-
-    :param batch_size: inference batch size.
-    """
+    """Penultimate features, as a CPU tensor ``(N, feature_dim)``, of images ``x`` ``(N, C, H, W)`` in [0, 1], in
+    inference batches of ``batch_size``."""
     return _batched(clf, x, batch_size, clf.features)
 
 
 def accuracy(clf: SmallCNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Fraction of the images ``x`` ``(N, C, H, W)`` whose predicted class equals the integer label in ``y`` ``(N,)``.
-
-    :param batch_size: inference batch size.
-    """
+    """Fraction of the images ``x`` ``(N, C, H, W)`` whose predicted class equals the integer label in ``y`` ``(N,)``,
+    in inference batches of ``batch_size``."""
     y = torch.as_tensor(y).reshape(-1).cpu()
     if y.shape[0] != x.shape[0] or y.shape[0] == 0:
         raise ValueError(f"need as many labels as images (and at least one), got {y.shape[0]} and {x.shape[0]}")
@@ -187,16 +181,18 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(feats_a, feats_b) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula).
+def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``(N_a, D)`` and ``(N_b, D)`` (the FID formula).
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})``, with unbiased sample covariances, in float64. The
     trace of the square root is computed as ``Tr((S_a^{1/2} S_b S_a^{1/2})^{1/2})``, whose symmetric argument has the
-    same eigenvalues as ``S_a S_b``. Round-off negatives are clipped to 0.
+    same eigenvalues as ``S_a S_b``. Each set needs 2 rows or more. Round-off negatives are clipped to 0.
 
-    :param feats_a: ``(N_a, D)`` tensor or array, ``N_a >= 2``.
-    :param feats_b: ``(N_b, D)`` tensor or array, ``N_b >= 2``.
-    :return: the distance.
+    >>> import torch
+    >>> import pyro_vlae as pv
+    >>> a = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    >>> round(pv.frechet_distance(a, a + 1.0), 6)  # the same spread, the means 1 apart in each of 4 dims
+    4.0
     """
     a = _as_features(feats_a, "feats_a")
     b = _as_features(feats_b, "feats_b")
@@ -339,6 +335,14 @@ def get_classifier(
     :param log: callback receiving progress messages.
     :return: ``(classifier in eval mode, info)`` with info keys ``test_accuracy`` (float or None), ``fingerprint``,
         ``cached`` (whether the weights came from the cache) and ``path`` (the weights file).
+
+    >>> import tempfile
+    >>> import pyro_vlae as pv
+    >>> x, y = pv.load_data("synthetic").tensors("train")
+    >>> with tempfile.TemporaryDirectory() as cache:  # a second call with this data and these settings reads the cache
+    ...     clf, info = pv.get_classifier(x, y, num_classes=10, cache_dir=cache, epochs=1, log=lambda line: None)
+    >>> tuple(clf(x[:4]).shape), info["cached"]
+    ((4, 10), False)
     """
     if (x_test is None) != (y_test is None):
         raise ValueError("pass both x_test and y_test, or neither")

@@ -16,12 +16,14 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
+from ..data import DataBundle
 from . import distributed
 from .annealing import KLSchedule, ladder_gains
 from .batches import Batches, BatchOrder, fetch_batch  # noqa: F401  (re-exported)
@@ -284,13 +286,13 @@ def start_run(config: RunConfig, device, resume, par, validate_all: bool, log=pr
 
 def fit(
     config: RunConfig,
-    bundle,
+    bundle: DataBundle,
     run_dir: str,
-    device,
+    device: str | torch.device,
     *,
     resume: dict | None = None,
     progress: bool = True,
-    log=print,
+    log: Callable[[str], object] = print,
     validate_all: bool = False,
 ) -> TrainResult:
     """Train ``config`` on ``bundle`` in ``run_dir``; resume from a loaded checkpoint dict when given.
@@ -309,6 +311,16 @@ def fit(
     :raises TrainingDiverged: when the loss is NaN or infinite (no checkpoint is written after that step), or the
         state of a checkpoint is not (that checkpoint is not written).
     :raises ValueError: for settings :func:`~pyro_vlae.training.runs.check_objective` refuses.
+
+    >>> import tempfile
+    >>> import pyro_vlae as pv
+    >>> preset = pv.get_preset("tiny")  # a copy, free to edit
+    >>> preset.train.num_steps = 4
+    >>> config = pv.RunConfig("vlae", "synthetic", "tiny", preset.model, preset.train, seed=1)
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     result = pv.fit(config, pv.load_data("synthetic", batch_size=16), run_dir, "cpu", progress=False)
+    >>> result.step, result.interrupted, [k for k in result.last_metrics if k.startswith("kl_z")]  # the last record
+    (4, False, ['kl_z1', 'kl_z2', 'kl_z3'])
     """
     from tqdm.auto import tqdm
 

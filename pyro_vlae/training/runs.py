@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.nn import PyroModule
 
 from ..guides import get_guide
 from ..models import get_model
@@ -25,7 +26,17 @@ from .optim import FusedAdam
 
 @dataclass
 class RunConfig:
-    """Everything needed to rebuild a run: saved as ``config.json`` and inside every checkpoint."""
+    """Everything needed to rebuild a run: saved as ``config.json`` and inside every checkpoint.
+
+    >>> import dataclasses
+    >>> import pyro_vlae as pv
+    >>> preset = pv.get_preset("tiny")
+    >>> config = pv.RunConfig("vlae", "synthetic", "tiny", preset.model, dataclasses.replace(preset.train, num_steps=4))
+    >>> config.model_kind, config.dataset, config.train.num_steps
+    ('vlae', 'synthetic', 4)
+    >>> pv.RunConfig.from_dict(config.to_dict()) == config  # what config.json holds
+    True
+    """
 
     model_kind: str
     dataset: str
@@ -75,7 +86,14 @@ def new_run_id() -> str:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a clear error.
+
+    >>> import pyro_vlae as pv
+    >>> pv.resolve_device("cpu")
+    device(type='cpu')
+    >>> pv.resolve_device("auto").type in ("cpu", "cuda")
+    True
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -141,8 +159,20 @@ def build_networks(config: RunConfig, device) -> tuple:
     return model, guide
 
 
-def build(config: RunConfig, device) -> tuple:
-    """Model, guide (on ``device``), Pyro Adam optimiser and SVI object.  Clears the param store first."""
+def build(config: RunConfig, device: str | torch.device) -> tuple[PyroModule, PyroModule, FusedAdam, SVI]:
+    """Model, guide (on ``device``), Pyro Adam optimiser and SVI object.  Clears the param store first.
+
+    >>> import math
+    >>> import pyro_vlae as pv
+    >>> preset = pv.get_preset("tiny")
+    >>> config = pv.RunConfig("vlae", "synthetic", "tiny", preset.model, preset.train)
+    >>> model, guide, optim, svi = pv.build(config, "cpu")
+    >>> x, _ = pv.load_data("synthetic", batch_size=16).tensors("train")
+    >>> math.isfinite(svi.step(x[:16]))  # one step of training
+    True
+    >>> type(model).__name__, type(guide).__name__
+    ('VLAEModel', 'VLAEGuide')
+    """
     model, guide = build_networks(config, device)
     optim = FusedAdam({"lr": config.train.lr})
     elbo_cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
@@ -233,11 +263,23 @@ def load_weights(model, guide, state: dict, config: RunConfig) -> None:
     guide.load_state_dict(state["guide"])
 
 
-def load_run(run_dir: str, device="cpu", checkpoint: str = "latest.pt"):
+def load_run(
+    run_dir: str, device: str | torch.device = "cpu", checkpoint: str = "latest.pt"
+) -> tuple[PyroModule, PyroModule, RunConfig, dict]:
     """Rebuild ``(model, guide, config, state)`` from a run folder's checkpoint (eval mode, on ``device``).
 
     The model is the one that was trained up to that checkpoint, fade-in gains included (:func:`load_weights`).
     Settings that :func:`check_objective` now refuses still load, so that older runs can be evaluated.
+
+    >>> import dataclasses, tempfile
+    >>> import pyro_vlae as pv
+    >>> preset = pv.get_preset("tiny")
+    >>> config = pv.RunConfig("vlae", "synthetic", "tiny", preset.model, dataclasses.replace(preset.train, num_steps=4))
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     _ = pv.fit(config, pv.load_data("synthetic", batch_size=16), run_dir, "cpu", progress=False)
+    ...     model, guide, loaded, state = pv.load_run(run_dir)
+    >>> state["step"], loaded == config, model.training
+    (4, True, False)
     """
     state = load_checkpoint(os.path.join(run_dir, "checkpoints", checkpoint), map_location=device)
     config = RunConfig.from_dict(state["config"])

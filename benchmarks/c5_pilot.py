@@ -73,11 +73,11 @@ def c4_runs(layout: str) -> dict:
     }
 
 
-#: The evaluation: IWAE on 1000 test images, the disentanglement scores and assignments on 5000 test items with
+#: The evaluation: IWAE on 1000 test images, the disentanglement scores and assignments on 2000 test items with
 #: disentanglement_lib's gradient-boosted trees; no Gibbs or intervention diagnostics (the training's figures show the
 #: interventions and traversals, which the report's reader looks at).
 EVAL_FLAGS = ["--num-samples", "10", "--max-images", "1000", "--no-classifier", "--dci", "gbt",
-              "--disentangle-images", "5000", "--no-diagnostics"]  # fmt: skip
+              "--disentangle-images", "2000", "--no-diagnostics"]  # fmt: skip
 
 
 def _latest_step(folder):

@@ -207,11 +207,13 @@ def main(argv=None) -> int:
                 P.check_image_shape(config.model, bundle.image_shape, config.dataset)
             if args.resume and par.is_lead:
                 truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(resume["step"]))
-            if not config.run_id:  # a run saved before run ids gets its identity now (every rank, the same)
+            adopted = None  # a run saved before run ids gets its identity now (every rank, the same); config.json
+            if not config.run_id:  # records its id-less checkpoint's settings, which a forced resume may have changed
                 config.run_id = par.broadcast(new_run_id())
+                adopted = RunConfig.from_dict(resume["config"]) if resume else None
             if par.is_lead:
                 argv_ = sys.argv if argv is None else ["python", "-m", "pyro_vlae.run", *argv]
-                write_config(run_dir, config, argv=argv_)
+                write_config(run_dir, config, argv=argv_, adopted_from=adopted)
                 print(
                     f"run folder: {run_dir}\ndata: {bundle.name} from {bundle.source}, {len(bundle.train)} train / "
                     f"{len(bundle.test)} test images of shape {bundle.image_shape}\nmodel: {config.model_kind}, "

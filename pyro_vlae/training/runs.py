@@ -289,13 +289,33 @@ def load_run(
     return model, guide, config, state
 
 
+#: The ``config.json`` key that records, when a run saved before ids is given one, the settings its id-less checkpoint
+#: had (:func:`identity_fields`): until a checkpoint with the new id exists, an id-less one is compared with those.
+ADOPTED_FROM = "run_id_adopted_from"
+
+
+def identity_fields(config: RunConfig) -> dict:
+    """The settings :func:`identity_differences` compares, laid out as in ``config.json``."""
+    return {
+        "model_kind": config.model_kind,
+        "dataset": config.dataset,
+        "model": {"latent_dims": list(config.model.latent_dims), "likelihood": config.model.likelihood},
+        "seed": config.seed,
+        "train": {"lr": config.train.lr},
+    }
+
+
 def identity_differences(saved: dict, config: RunConfig) -> list:
     """How the checkpoint's ``config`` differs from its folder's ``config.json`` (``saved``) as another run would.
 
     The same run id on both sides is the same run: nothing differs, whatever a ``--force-config`` resume changed.
     Otherwise (two ids, or a side saved before ids existed) the model kind, dataset and latent sizes are compared,
     and the likelihood, seed and learning rate where ``config.json`` has them; two different ids lead the list.
+    An id-less checkpoint in a folder whose id was adopted for one (:data:`ADOPTED_FROM`) is compared with that
+    checkpoint's settings, not with ``config.json``'s, which a ``--force-config`` resume may have changed.
     """
+    if not config.run_id and isinstance(saved.get(ADOPTED_FROM), dict):
+        saved = saved[ADOPTED_FROM]
     ours, theirs = str(saved.get("run_id") or ""), config.run_id
     if ours and ours == theirs:
         return []
@@ -322,6 +342,8 @@ def check_run_identity(run_dir: str, config: RunConfig, checkpoint: str = "check
     """Refuse to resume a checkpoint of another run (a checkpoint copied in from elsewhere would otherwise train on
     under this run's name, and its settings would replace this run's ``config.json``): see
     :func:`identity_differences`.  A folder without a readable ``config.json`` (runs older than it) is not checked.
+    A checkpoint saved before run ids that comes from another run with the same model kind, dataset, latent sizes,
+    likelihood, seed and learning rate cannot be told apart from this run's own, and resumes.
 
     :param config: the configuration saved in the checkpoint.
     :raises ValueError: naming each difference (both run ids first) and the fix.
@@ -336,8 +358,12 @@ def check_run_identity(run_dir: str, config: RunConfig, checkpoint: str = "check
         )
 
 
-def write_config(run_dir: str, config: RunConfig, argv=None) -> None:
+def write_config(run_dir: str, config: RunConfig, argv=None, adopted_from: RunConfig | None = None) -> None:
+    """Write ``config.json`` (atomically), with the command line ``argv`` and, for a run saved before ids that is
+    given one now, the settings of its id-less checkpoint ``adopted_from`` (:data:`ADOPTED_FROM`)."""
     d = config.to_dict()
     if argv is not None:
         d["command"] = list(argv)
+    if adopted_from is not None:
+        d[ADOPTED_FROM] = identity_fields(adopted_from)
     atomic_write_json(os.path.join(run_dir, "config.json"), d)

@@ -36,6 +36,15 @@ def strip_ids(run):
     C.save_checkpoint(str(path), state)
 
 
+def resumes_and_gets_an_id(capsys, run):
+    """A plain resume of ``run`` to step 4 works, and its config.json and new checkpoint hold one and the same id."""
+    code, err = resume(capsys, run)
+    assert code == 0, err
+    run_id = json.loads((run / "config.json").read_text())["run_id"]
+    state = C.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
+    assert state["step"] == 4 and run_id and state["config"]["run_id"] == run_id
+
+
 @pytest.fixture
 def donor_into_run(tmp_path, capsys):
     """A run, and a donor run of another likelihood, seed and learning rate whose checkpoint is copied into it."""
@@ -77,11 +86,7 @@ def test_a_run_saved_before_ids_still_resumes_and_gets_an_id(tmp_path, capsys):
     run = tmp_path / "run"
     assert R.main([*BASE, "--run-dir", str(run)]) == 0
     strip_ids(run)
-    code, err = resume(capsys, run)
-    assert code == 0, err
-    run_id = json.loads((run / "config.json").read_text())["run_id"]
-    state = C.load_checkpoint(str(run / "checkpoints" / "latest.pt"))
-    assert state["step"] == 4 and run_id and state["config"]["run_id"] == run_id
+    resumes_and_gets_an_id(capsys, run)
 
 
 def test_the_id_is_made_at_creation_and_kept_by_every_checkpoint_and_resume(tmp_path, capsys):
@@ -122,3 +127,47 @@ def test_the_checkpoint_is_read_after_the_run_lock_is_taken(tmp_path, capsys, mo
     code, err = resume(capsys, run, 3)
     assert code == 0, err
     assert seen and all(seen)
+
+
+def die_before_the_first_checkpoint(monkeypatch):
+    """Make the next ``R.main`` stop where a killed resume would: ``config.json`` written, no checkpoint yet."""
+
+    def killed(*args, **kwargs):
+        raise OSError("killed before its first checkpoint")
+
+    monkeypatch.setattr(R, "fit", killed)
+
+
+@pytest.fixture
+def legacy_run_after_a_killed_forced_resume(tmp_path, capsys, monkeypatch):
+    """A run saved before ids, whose ``--force-config --lr 0.002`` resume died before writing a checkpoint."""
+    run = tmp_path / "run"
+    assert R.main([*BASE, "--run-dir", str(run)]) == 0
+    strip_ids(run)
+    with monkeypatch.context() as m:
+        die_before_the_first_checkpoint(m)
+        assert R.main(["--resume", str(run), "--num-steps", "4", "--lr", "0.002", "--force-config", *QUIET]) != 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["run_id"] and saved["train"]["lr"] == 0.002  # the id and the forced lr, with no checkpoint of them
+    assert "run_id" not in C.load_checkpoint(str(run / "checkpoints" / "latest.pt"))["config"]
+    capsys.readouterr()
+    return run
+
+
+def test_a_legacy_run_whose_forced_resume_died_before_a_checkpoint_resumes(
+    legacy_run_after_a_killed_forced_resume, capsys
+):
+    run = legacy_run_after_a_killed_forced_resume
+    resumes_and_gets_an_id(capsys, run)
+
+
+def test_after_a_killed_forced_resume_an_old_donor_is_still_refused(legacy_run_after_a_killed_forced_resume, capsys):
+    run, donor = legacy_run_after_a_killed_forced_resume, legacy_run_after_a_killed_forced_resume.parent / "donor"
+    assert R.main([*BASE, "--seed", "3", "--run-dir", str(donor)]) == 0
+    strip_ids(donor)
+    (run / "checkpoints" / "latest.pt").write_bytes((donor / "checkpoints" / "latest.pt").read_bytes())
+    capsys.readouterr()
+    before = snapshot(run)
+    code, err = resume(capsys, run)
+    assert code != 0 and "belongs to another run" in err and "seed 3 in the checkpoint, 0" in err, err
+    assert snapshot(run) == before

@@ -173,23 +173,35 @@ class HostTraffic(TorchDispatchMode):
 KL, GAIN_STEP = 0.123457, 5  # a KL scale no constant of the networks has; a step inside the fade-in ramp
 
 
-def _fade_config():
-    cfg = config("vlae", "laplace")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fade_in=4))
+def _fade_config(kind="vlae", likelihood="laplace", elbo="trace"):
+    cfg = config(kind, likelihood, elbo)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fade_in=4 if kind == "vlae" else 0))
 
 
-def test_one_step_reads_nothing_on_the_host_and_bakes_no_per_step_value():
-    cfg, x = _fade_config(), batch("laplace")
+HOST_CASES = [  # (model, likelihood, ELBO, precision)
+    ("vlae", "laplace", "trace", "fp32"),
+    ("vlae", "laplace", "meanfield", "fp32"),
+    ("vae", "laplace", "meanfield", "fp32"),
+    ("hvae", "bernoulli", "trace", "fp32"),
+    ("vlae", "laplace", "trace", "bf16"),
+]
+
+
+@pytest.mark.parametrize("kind,likelihood,elbo,precision", HOST_CASES, ids=["-".join(c) for c in HOST_CASES])
+def test_one_step_reads_nothing_on_the_host_and_bakes_no_per_step_value(kind, likelihood, elbo, precision):
+    cfg, x = _fade_config(kind, likelihood, elbo), batch(likelihood)
     model, guide, optim, _ = TR.build(cfg, "cpu")
-    stepper = S.make_step(model, guide, optim, "trace", "cpu")
+    stepper = S.make_step(model, guide, optim, elbo, "cpu", precision=precision)
     gains = T.set_fade_in(model, cfg, GAIN_STEP - 1)
     with pyro.validation_enabled(False):
         T.train_step(stepper, x, 0.5)  # the first step also collects the parameters
-        new_gains = T.ladder_gains(GAIN_STEP, 3, 4)
+        new_gains = T.ladder_gains(GAIN_STEP, 3, 4) if kind == "vlae" else []
         with HostTraffic([KL, *[g for g in new_gains if g not in (0.0, 1.0)]]) as seen:
             gains = T.set_fade_in(model, cfg, GAIN_STEP, gains)
             loss = T.train_step(stepper, x, KL)
     assert torch.is_tensor(loss) and not seen.found, dict(seen.found)
+    if kind != "vlae":
+        return
     assert model.ladder_gain.tolist() == pytest.approx(new_gains) and 0 < new_gains[1] < 1
     with HostTraffic() as seen:  # outside the ramp the gains are not touched at all
         T.set_fade_in(model, cfg, 100, T.set_fade_in(model, cfg, 99, gains))

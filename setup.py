@@ -34,6 +34,7 @@ setup(
         "torchvision>=0.16",
         "numpy>=1.22",
         "scikit-learn>=1.5",
+        "scipy>=1.8",
         "arviz>=0.15",
         "matplotlib>=3.5",
         "tqdm>=4.60",

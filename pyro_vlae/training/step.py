@@ -6,9 +6,10 @@ traces the guide and replays the model against it with Pyro's handlers (``get_im
 does), sums the scaled ``log_prob_sum`` terms into a loss *tensor* exactly as
 ``Trace_ELBO._differentiable_loss_particle`` does (or the closed-form KLs of ``TraceMeanField_ELBO`` for
 ``elbo="meanfield"``; :mod:`~pyro_vlae.training.elbo`), back-propagates and steps the optimiser.  The per-step KL scale
-is a device tensor changed in place (``fill_``), and the loss of the step and a finite flag (the loss, the gradients and
-the updated parameters) are kept in device accumulators (:class:`DeviceStats`) that :meth:`GraphSafeStep.read` reads
-when the caller chooses (every ``log_every`` steps and before every checkpoint in :func:`~pyro_vlae.training.loop.fit`).
+is a device tensor changed in place (``fill_``), and the loss of the step and a flag for non-finite or overflowing
+values (the loss, the gradients and the updated parameters) are kept in device accumulators (:class:`DeviceStats`) that
+:meth:`GraphSafeStep.read` reads when the caller chooses (every ``log_every`` steps and before every checkpoint in
+:func:`~pyro_vlae.training.loop.fit`).
 
 The step is bit-identical to ``SVI.step`` with the same ELBO and optimiser (:class:`~pyro_vlae.training.optim.FusedAdam`
 or any :class:`~pyro.optim.PyroOptim`): the same operations in the same order (``tests/training/test_step.py`` compares
@@ -71,7 +72,8 @@ PRECISIONS = ("fp32", "bf16")
 class StepStats:
     """What :meth:`GraphSafeStep.read` returns: the loss of the last step (as ``SVI.step`` reports it), the first
     step (1-based, counted from the start of training) that was not finite (``None`` if none was), that step's loss,
-    and whether the loss was finite there while a gradient or an updated parameter was not (``bad_gradient``)."""
+    and whether the loss was finite there while a gradient or an updated parameter was non-finite or overflowing
+    (``bad_gradient``: its norm was infinite, :func:`all_finite`)."""
 
     loss: float
     first_bad: int | None = None
@@ -84,13 +86,17 @@ class StepStats:
         if self.first_bad is None:
             return None
         if self.bad_gradient:
-            return f"a gradient or an updated parameter became NaN or infinite (the loss was {self.bad_loss})"
+            return (
+                "a gradient or an updated parameter became NaN or infinite, or its norm overflowed "
+                f"(the loss was {self.bad_loss})"
+            )
         return f"the loss became {self.bad_loss}"
 
 
 def all_finite(tensors: list) -> torch.Tensor | None:
-    """One device boolean: every tensor in ``tensors`` is finite.  One fused norm over them all
-    (``torch._foreach_norm``) and one ``isfinite``, nothing read on the host, so it can be captured.  ``None`` for no
+    """One device boolean: no tensor in ``tensors`` is non-finite or overflowing.  One fused norm over them all
+    (``torch._foreach_norm``) and one ``isfinite``, nothing read on the host, so it can be captured.  A tensor of
+    finite but huge entries (float32 near 2e19) whose norm overflows to infinity counts as not finite.  ``None`` for no
     tensors."""
     if not tensors:
         return None
@@ -101,7 +107,8 @@ class DeviceStats:
     """The step's loss and finite check on the device, updated in place inside the step (so inside a CUDA graph).
 
     ``last`` holds the last step's loss (float64), ``steps`` the number of steps taken (set with :meth:`start`),
-    ``first_bad`` the first step whose loss, gradients or updated parameters were not finite (``-1``: none),
+    ``first_bad`` the first step whose loss was not finite or whose gradients or updated parameters were non-finite
+    or overflowing (:func:`all_finite`; ``-1``: none),
     ``bad_loss`` that step's loss and ``bad_gradient`` whether that loss was finite.
     """
 

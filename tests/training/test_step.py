@@ -274,6 +274,16 @@ def test_device_stats_name_the_first_non_finite_step_and_its_loss():
     assert stats.read() == S.StepStats(1.5)
 
 
+def test_the_finite_flag_also_trips_on_a_finite_gradient_whose_norm_overflows():
+    """``torch._foreach_norm`` of finite float32 entries near 2e19 is infinite: the check reads "non-finite or
+    overflowing", and the message says so."""
+    huge = torch.full((4,), 2e19)
+    assert torch.isfinite(huge).all() and not S.all_finite([huge]) and S.all_finite([huge / 1e10])
+    assert S.StepStats(1.0, 3, 2.0, True).problem == (
+        "a gradient or an updated parameter became NaN or infinite, or its norm overflowed (the loss was 2.0)"
+    )
+
+
 def test_cuda_graph_modes_resolve_by_device():
     assert S.use_cuda_graph("auto", "cpu") is False and S.use_cuda_graph("off", "cpu") is False
     with pytest.raises(ValueError, match=r"--cuda-graph on .* on cpu: use --cuda-graph auto"):

@@ -67,7 +67,7 @@ def _docstrings(package_dir: pathlib.Path):
     for path in sorted(package_dir.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in [tree, *ast.walk(tree)]:
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node, clean=False)
                 if doc:
                     yield f"{path.relative_to(ROOT)}:{getattr(node, 'name', '<module>')}", doc

@@ -8,7 +8,8 @@ lab record's section, ``benchmarks/RESULTS.md``, and the command) and the scorec
 * each range the scorecard quotes ("lo-hi") is the minimum and maximum over every run that recorded the quantity;
 * the scorecard row and the README's claims table quote the results file's verdict, and the scorecard its
   measured text;
-* every recorded number appears in the lab record, and every record a run names is a heading there;
+* every record a run names is a heading of the lab record, and every number of the run appears in that section
+  (its heading up to the next heading of the same or a higher level);
 * commands that train (``pyro_vlae.run``) are pinned: they name ``--num-steps`` (and a preset, unless they resume).
 """
 
@@ -119,17 +120,67 @@ def test_scorecard_and_readme_quote_the_results_file(path):
     assert {round(n, 6) for n in _numbers(readme)} <= _recorded(result), f"README row {result['claim']}"
 
 
+def _record_section(record: str, name: str) -> str | None:
+    """The lab record's section that a run's ``record`` ``name`` names, from its heading up to the next heading of the
+    same or a higher level (``None`` if its first part names no heading).
+
+    ``name`` is a path of headings joined by ": ", each part the start of a heading nested in the one before (a heading
+    may hold ": " itself, and ", ..." after a part describes it); the parts after the deepest heading found name a
+    passage inside that section (a bullet, not a heading).  Headings inside code blocks are not headings.
+    """
+    headings, fenced, offset = [], False, 0
+    for line in record.splitlines(keepends=True):
+        fenced ^= line.startswith("```")
+        match = None if fenced else re.match(r"(#+) (.+)$", line)
+        if match:
+            headings.append((offset, len(match.group(1)), match.group(2).strip()))
+        offset += len(line)
+    start, end, level, parts, found = 0, len(record), 0, name.split(": "), False
+    while parts:
+        hit = None
+        for k in range(len(parts), 0, -1):  # the longest run of parts that starts a heading inside the section
+            text = ": ".join(parts[:k]).strip()
+            inside = [h for h in headings if start <= h[0] < end and h[1] > level]
+            hit = next((h for t in (text, text.split(",")[0]) for h in inside if h[2].startswith(t)), None)
+            if hit:
+                break
+        if hit is None:
+            break
+        start, level, parts, found = hit[0], hit[1], parts[k:], True
+        end = next((h[0] for h in headings if h[0] > start and h[1] <= level), len(record))
+    return record[start:end] if found else None
+
+
+def _unrecorded(record: str, run: dict) -> list | None:
+    """The numbers of ``run`` that its lab-record section does not hold (``None``: it names no section)."""
+    section = _record_section(record, run["record"])
+    if section is None:
+        return None
+    held = {round(float(n.replace(",", "")), 6) for n in NUMBER.findall(section)}
+    return sorted({round(float(v), 6) for v in _values(run["numbers"])} - held)
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_recorded_numbers_are_in_the_lab_record(path):
+def test_recorded_numbers_are_in_the_lab_record_section_each_run_names(path):
     record = RECORD.read_text()
-    headings = {h.strip() for h in re.findall(r"^#+ (.+)$", record, re.M)}
-    in_record = {round(float(n.replace(",", "")), 6) for n in NUMBER.findall(record)}
-    result = _load(path)
-    for run in result["runs"]:
-        first = run["record"].split(":")[0].split(",")[0].strip()
-        assert any(h.startswith(first) for h in headings), f"{path.name}: {run['run']} names no lab-record section"
-        missing = sorted({round(float(v), 6) for v in _values(run["numbers"])} - in_record)
-        assert not missing, f"{path.name}: {run['run']} records numbers the lab record does not hold: {missing}"
+    for run in _load(path)["runs"]:
+        missing = _unrecorded(record, run)
+        assert missing is not None, f"{path.name}: {run['run']} names no lab-record section: {run['record']}"
+        assert not missing, f"{path.name}: {run['run']} records numbers its section {run['record']!r} lacks: {missing}"
+
+
+def test_a_number_moved_to_another_section_is_caught():
+    """The check reads the named section only (with its subsections): a number moved elsewhere in the record is
+    missing, though the record as a whole still holds it."""
+    record = "# R\n## Alpha: a\nx 1.5\n### Deep\ny 2.5\n```\n# not a heading\n```\nz 4.5\n## Beta\nw 3.5\n"
+    assert _record_section(record, "Alpha").startswith("## Alpha") and "4.5" in _record_section(record, "Alpha")
+    assert _record_section(record, "Alpha: Deep: a bullet") == "### Deep\ny 2.5\n```\n# not a heading\n```\nz 4.5\n"
+    assert _record_section(record, "Gamma") is None
+    run = {"run": "r", "record": "Alpha, its first row", "numbers": {"a": 1.5, "b": "2.5-4.5"}}
+    assert _unrecorded(record, run) == []
+    moved = record.replace("y 2.5", "y").replace("w 3.5", "w 3.5 2.5")
+    assert "2.5" in moved and _unrecorded(moved, run) == [2.5]
+    assert _unrecorded(record, {**run, "record": "Beta"}) == [1.5, 2.5, 4.5]
 
 
 def test_training_commands_on_the_reproduction_page_are_pinned():

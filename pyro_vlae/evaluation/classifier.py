@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -29,11 +28,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..training.checkpoint import read_json_dict
+from .classifier_cache import atomic_write, data_fingerprint, load_weights, write_json
 
 __all__ = [
-    "SmallCNN", "accuracy", "class_change_rate", "data_fingerprint", "extract_features", "frechet_distance",
-    "get_classifier", "predict", "train_classifier",
-]  # fmt: skip
+    "SmallCNN",
+    "accuracy",
+    "class_change_rate",
+    "data_fingerprint",
+    "extract_features",
+    "frechet_distance",
+    "get_classifier",
+    "predict",
+    "train_classifier",
+]
 
 #: Bumped whenever the architecture or the training procedure changes, so that stale cache entries are not reused.
 CACHE_VERSION = 1
@@ -91,19 +98,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def data_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """Hex SHA-256 of the raw bytes, shapes and dtypes of inputs ``x`` and labels ``y``, used as a cache key."""
-    h = hashlib.sha256()
-    for name, t in (("x", x), ("y", y)):
-        t = torch.as_tensor(t).detach().to("cpu")
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        t = t.contiguous().reshape(-1)
-        if t.numel():
-            # viewing as bytes avoids a copy and works for dtypes numpy lacks (e.g. bfloat16)
-            h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _inference(clf: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients; restores the previous training mode afterwards."""
@@ -132,20 +126,26 @@ def _batched(
 
 
 def predict(clf: SmallCNN, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted classes, as a CPU ``LongTensor`` ``(N,)``, of images ``x`` ``(N, C, H, W)`` in [0, 1] (any device),
-    in inference batches of ``batch_size``."""
+    """Predicted classes, as a CPU ``LongTensor`` ``(N,)``, of images ``x`` ``(N, C, H, W)`` in [0, 1] (any device).
+
+    :param batch_size: inference batch size.
+    """
     return _batched(clf, x, batch_size, lambda b: clf(b).argmax(dim=1))
 
 
 def extract_features(clf: SmallCNN, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate features, as a CPU tensor ``(N, feature_dim)``, of images ``x`` ``(N, C, H, W)`` in [0, 1], in
-    inference batches of ``batch_size``."""
+    """Penultimate features, as a CPU tensor ``(N, feature_dim)``, of images ``x`` ``(N, C, H, W)`` in [0, 1].
+
+    :param batch_size: inference batch size.
+    """
     return _batched(clf, x, batch_size, clf.features)
 
 
 def accuracy(clf: SmallCNN, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Fraction of the images ``x`` ``(N, C, H, W)`` whose predicted class equals the integer label in ``y`` ``(N,)``,
-    in inference batches of ``batch_size``."""
+    """Fraction of the images ``x`` ``(N, C, H, W)`` whose predicted class equals the integer label in ``y`` ``(N,)``.
+
+    :param batch_size: inference batch size.
+    """
     y = torch.as_tensor(y).reshape(-1).cpu()
     if y.shape[0] != x.shape[0] or y.shape[0] == 0:
         raise ValueError(f"need as many labels as images (and at least one), got {y.shape[0]} and {x.shape[0]}")
@@ -225,9 +225,17 @@ def _check_training_data(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> 
 
 
 def train_classifier(
-    x_train: torch.Tensor, y_train: torch.Tensor, *, num_classes: int, epochs: int = 3, batch_size: int = 128,
-    lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu", log: Callable[[str], object] = print,
-) -> SmallCNN:  # fmt: skip
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    num_classes: int,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], object] = print,
+) -> SmallCNN:
     """Train a :class:`SmallCNN` with Adam and a cosine learning-rate decay; deterministic given ``seed`` on CPU. The
     global torch RNG is left untouched (initialisation runs under a forked RNG, shuffling uses its own generator).
 
@@ -279,44 +287,19 @@ def train_classifier(
     return clf
 
 
-def _atomic_write(path: str, write: Callable[[str], None], log: Callable[[str], object]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path``; a failure is logged, not raised."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # the classifier is still usable, only the cache entry is missing
-        log(f"could not write the classifier cache file {path} ({type(e).__name__}: {e})")
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-
-
-def _write_json(path: str, obj: dict, log: Callable[[str], object]) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-
-    _atomic_write(path, write, log)
-
-
-def _load_weights(path: str, clf: SmallCNN) -> None:
-    """Load a state dict into ``clf``; raises on anything wrong. ``clf`` must be discarded if this raises."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("not a state dict of tensors")
-    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in state.values()):
-        raise ValueError("non-finite weights")
-    clf.load_state_dict(state, strict=True)  # raises on missing, unexpected or mis-shaped entries
-
-
 def get_classifier(
-    x_train: torch.Tensor, y_train: torch.Tensor, *, num_classes: int, cache_dir: str | os.PathLike,
-    x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None, device: str | torch.device = "cpu",
-    epochs: int = 3, seed: int = 0, log: Callable[[str], object] = print,
-) -> tuple[SmallCNN, dict]:  # fmt: skip
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    num_classes: int,
+    cache_dir: str | os.PathLike,
+    x_test: torch.Tensor | None = None,
+    y_test: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    epochs: int = 3,
+    seed: int = 0,
+    log: Callable[[str], object] = print,
+) -> tuple[SmallCNN, dict]:
     """Return a classifier trained on ``(x_train, y_train)``, training it only if it is not cached yet.
 
     The cache key hashes the data fingerprint, the architecture and the training hyper-parameters; weights are
@@ -371,18 +354,25 @@ def get_classifier(
     if os.path.exists(path):
         candidate = SmallCNN(in_channels, num_classes, feature_dim)
         try:
-            _load_weights(path, candidate)
+            load_weights(path, candidate)
             clf, cached = candidate, True
             log(f"classifier loaded from cache {path}")
         except Exception as e:  # any unreadable cache entry means: retrain
             log(f"classifier cache file {path} is unreadable ({type(e).__name__}: {e}); retraining")
     if clf is None:
         clf = train_classifier(
-            x_train, y_train, num_classes=num_classes, epochs=epochs, batch_size=hparams["batch_size"],
-            lr=hparams["lr"], seed=seed, device=device, log=log,
-        )  # fmt: skip
+            x_train,
+            y_train,
+            num_classes=num_classes,
+            epochs=epochs,
+            batch_size=hparams["batch_size"],
+            lr=hparams["lr"],
+            seed=seed,
+            device=device,
+            log=log,
+        )
         clf.cpu()
-        _atomic_write(path, lambda tmp: torch.save(clf.state_dict(), tmp), log)
+        atomic_write(path, lambda tmp: torch.save(clf.state_dict(), tmp), log)
     clf.to(device).eval()
 
     test_accuracy = None
@@ -393,8 +383,8 @@ def get_classifier(
             test_accuracy = meta["test_accuracy"]
         else:
             test_accuracy = accuracy(clf, x_test, y_test)
-            _write_json(meta_path, {"test_accuracy": test_accuracy, "test_fingerprint": test_fp, **hparams}, log)
+            write_json(meta_path, {"test_accuracy": test_accuracy, "test_fingerprint": test_fp, **hparams}, log)
         log(f"classifier test accuracy {test_accuracy:.4f}")
     elif not cached:
-        _write_json(meta_path, {"test_accuracy": None, "test_fingerprint": None, **hparams}, log)
+        write_json(meta_path, {"test_accuracy": None, "test_fingerprint": None, **hparams}, log)
     return clf, {"test_accuracy": test_accuracy, "fingerprint": fingerprint, "cached": cached, "path": path}

@@ -224,8 +224,8 @@ register(
 # --- Appendix B.1: the Gaussian HVAE's own settings (Fig. 2 and 3).  f_l (l = 1, 2) two dense layers with the
 # W1 / W2 heads (mean, sigmoid standard deviation), f_0 two stride-2 (transposed) convolutions, Adam 1e-4 and the KL
 # scale annealed from 0 to 1.  B.1 gives no widths or code sizes: codes of 32 / 16 / 8 reconstruct binarised MNIST
-# (one encode-decode keeps the digit of 94 % of test images, benchmarks/gibbs_mnist.py).  On 2 shared CPU cores the
-# 30000 steps take over an hour (2.7-7 steps/s, benchmarks/RESULTS.md); on a GPU about 8 minutes.
+# (one encode-decode keeps the digit of 94 % of test images, benchmarks/claims/gibbs_mnist.py).  On 2 shared CPU cores
+# the 30000 steps take over an hour (2.7-7 steps/s, benchmarks/RESULTS.md); on a GPU about 8 minutes.
 _B1_TRAIN = TrainConfig(num_steps=30000, lr=1e-4, anneal="linear:6000", batch_size=100, log_every=200)
 for _name, _lik, _scale, _desc in (
     ("mnist-hvae-b1", "gaussian", 0.1, "Gaussian likelihood with fixed sigma = 0.1"),

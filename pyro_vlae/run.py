@@ -116,7 +116,7 @@ def resumed_config(args, resume: dict, cuda: bool) -> RunConfig:
 
     :raises ValueError: naming the problem and the fix.
     """
-    if resume.get("resumable") is False:  # benchmarks/model_pack.py's float16 copy: no optimiser or RNG state
+    if resume.get("resumable") is False:  # benchmarks/gpu/model_pack.py's float16 copy: no optimiser or RNG state
         raise ValueError(
             f"refusing to resume {args.resume}: its checkpoint is a float16 copy for evaluation and export (no "
             "optimiser or RNG state), so it cannot be resumed; start a new run from its weights, or resume the "

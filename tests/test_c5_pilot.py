@@ -1,5 +1,5 @@
-"""``benchmarks/c5_pilot.py``: the layouts it trains, the fair C4 comparison's sizes, resuming, the pool passing a
-SIGTERM on to its children, and the report read back from a fabricated ``eval.json``."""
+"""``benchmarks/claims/c5_pilot.py``: the layouts it trains, the fair C4 comparison's sizes, resuming, the pool passing
+a SIGTERM on to its children, and the report read back from a fabricated ``eval.json``."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import textwrap
 import time
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "claims")
 sys.path.insert(0, BENCH)
 import c5_pilot as CP  # noqa: E402
 

@@ -2,8 +2,8 @@
 a CUDA graph (replays against the eager step, resume, no host synchronisation in the hot loop), torchrun with NCCL.
 
 The tests that need a GPU are marked ``cuda`` and skip when no CUDA device is present, so the default (CPU) run
-collects and skips them.  On a GPU: ``python -m pytest -m cuda tests/test_cuda.py`` (``benchmarks/gpu_check.py`` runs
-it).  The last section checks, on any machine, device handling that a CPU can exercise with a faked ``torch.cuda``.
+collects and skips them.  On a GPU: ``python -m pytest -m cuda tests/test_cuda.py`` (``benchmarks/gpu/gpu_check.py``
+runs it).  The last section checks, on any machine, device handling that a CPU can exercise with a faked ``torch.cuda``.
 
 What each test compares against is independent of the GPU: the same weights evaluated on the CPU (with TF32 off, so
 both sides compute in float32), the straight run a resumed run must reproduce, and the plain one-process run that a

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.py``: its parts one by one (fast), and its whole ``--dry-run`` on the CPU (slow)."""
+"""``benchmarks/gpu/gpu_check.py``: its parts one by one (fast), and its whole ``--dry-run`` on the CPU (slow)."""
 
 import contextlib
 import json
@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu")
 sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "speed"))  # harness.py
 import gpu_check as GC  # noqa: E402
 import gpu_report as GR  # noqa: E402
 import harness as H  # noqa: E402

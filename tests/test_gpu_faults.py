@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu")
 sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "speed"))  # speed.py
 import gpu_check as GC  # noqa: E402
 import gpu_report as GR  # noqa: E402
 import paper_scale as PS  # noqa: E402

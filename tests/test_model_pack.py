@@ -1,5 +1,5 @@
-"""``benchmarks/model_pack.py`` as the way a GPU run comes back: the pack is for evaluation and export only (and says
-so), and a run the driver stopped before its ``--num-steps`` goes from the returned parts to a shipped entry."""
+"""``benchmarks/gpu/model_pack.py`` as the way a GPU run comes back: the pack is for evaluation and export only (and
+says so), and a run the driver stopped before its ``--num-steps`` goes from the returned parts to a shipped entry."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from pyro_vlae.pretrained import export as E
 from pyro_vlae.training.checkpoint import load_checkpoint
 from pyro_vlae.training.runs import save_run_checkpoint
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu"))
 import model_pack as MP  # noqa: E402
 
 

@@ -1,6 +1,6 @@
-"""``benchmarks/paper_scale.py`` and ``benchmarks/model_pack.py``: the plan's budget arithmetic, the float16 export, the
-packing into what the GPU machine returns, the unpack round trip, and (slow) evaluation of a returned float16 run
-against its float32 original."""
+"""``benchmarks/gpu/paper_scale.py`` and ``benchmarks/gpu/model_pack.py``: the plan's budget arithmetic, the float16
+export, the packing into what the GPU machine returns, the unpack round trip, and (slow) evaluation of a returned
+float16 run against its float32 original."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu")
 sys.path.insert(0, BENCH)
 import model_pack as MP  # noqa: E402
 import paper_scale as PS  # noqa: E402

@@ -195,7 +195,7 @@ def gibbs_diagnostics(
 
     Verdict: ``verdict_chains`` independent chains (at most half of ``x_test``) start at random test images, and their
     mean images at step ``num_steps`` are compared with the other test images (the reference), as
-    ``benchmarks/gibbs_mnist.py`` scores chains at fixed steps. Each chain block's ``collapse`` is
+    ``benchmarks/claims/gibbs_mnist.py`` scores chains at fixed steps. Each chain block's ``collapse`` is
     :func:`chain_collapse` of those states; with a classifier, the block ``frechet_distance`` holds their Fréchet
     distance to the reference beside that of as many ancestral mean images. Both sets are independent images of the
     same size, so the distance's bias is the same for both: a correct chain started from data stays at the data's law

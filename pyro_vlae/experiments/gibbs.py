@@ -122,7 +122,7 @@ def gibbs_chain(
     :param seed: when given, the chains use their own torch random stream seeded with it (the global one is kept).
     :param feed: ``"sample"`` (the chain of Eq. 6 / 16) or ``"mean"``, a diagnostic variant that feeds the mean of
         ``p(x | z^{(t)})`` back instead of a draw: it separates the likelihood's noise from the guide's error when a
-        chain drifts (``benchmarks/gibbs_probe.py``).  It is not the chain of Proposition 1 and does not target
+        chain drifts (``benchmarks/claims/gibbs_probe.py``).  It is not the chain of Proposition 1 and does not target
         ``p_data``: on a linear-Gaussian model it contracts to a smaller variance.
     :returns: a :class:`GibbsResult` with the chains' states, mean images and kept codes.
 

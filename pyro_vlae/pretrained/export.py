@@ -23,7 +23,7 @@ A run stopped before its ``--num-steps`` (a time limit, or the GPU driver's dead
 ``--allow-partial`` is given, with a ``--description`` of its own; the ``.json`` then records the step reached
 (``trained_steps`` and ``partial``) beside ``planned_steps``.  A run returned by the GPU driver, for example::
 
-    python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale
+    python benchmarks/gpu/model_pack.py unpack FOLDER --dest runs/paper_scale
     python -m pyro_vlae.pretrained.export runs/paper_scale/shapes3d_vlae --name vlae-shapes3d --no-classifier \
         --allow-partial --description "shapes3d VLAE, 32x32, stopped by the GPU driver" --commit COMMIT
 

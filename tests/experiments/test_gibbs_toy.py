@@ -1,5 +1,5 @@
-"""Proposition 1 on a linear-Gaussian toy: the closed forms of ``benchmarks/gibbs_toy.py`` and the benchmark itself;
-and the chain starts of ``benchmarks/gibbs_mnist.py``."""
+"""Proposition 1 on a linear-Gaussian toy: the closed forms of ``benchmarks/claims/gibbs_toy.py`` and the benchmark
+itself; and the chain starts of ``benchmarks/claims/gibbs_mnist.py``."""
 
 import copy
 import math
@@ -17,7 +17,7 @@ from pyro_vlae.experiments.gibbs import gibbs_chain
 from pyro_vlae.guides import get_guide
 from pyro_vlae.models import get_model
 
-BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "claims")
 sys.path.insert(0, BENCH)
 import gibbs_mnist  # noqa: E402
 import gibbs_toy as gt  # noqa: E402
@@ -151,7 +151,8 @@ def test_chain_without_stationary_law_is_refused(truth):
 
 @pytest.mark.slow
 def test_benchmark_quick_meets_its_targets():
-    """``python benchmarks/gibbs_toy.py --quick``: trains the library pair and checks every target (about a minute)."""
+    """``python benchmarks/claims/gibbs_toy.py --quick``: trains the library pair and checks every target (about a
+    minute)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run(
         [sys.executable, os.path.join(BENCH, "gibbs_toy.py"), "--quick"], capture_output=True, text=True, env=env

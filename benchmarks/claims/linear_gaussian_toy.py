@@ -1,4 +1,4 @@
-r"""Closed forms for affine-Gaussian Markov HVAEs, the ground truth of ``benchmarks/gibbs_toy.py``.
+r"""Closed forms for affine-Gaussian Markov HVAEs, the ground truth of ``benchmarks/claims/gibbs_toy.py``.
 
 Every conditional of the model and the guide is an affine-Gaussian *link* ``child = A parent + b + diag(s) eps``.
 With the data law Gaussian too, everything Proposition 1 talks about has a closed form:

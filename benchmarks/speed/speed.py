@@ -16,13 +16,13 @@ profiler gives each mode's kernel time per step (``harness.kernel_ms``; the grap
 profiler sees its kernels, else the eager graph-safe step's); the GPU-busy fraction is kernel time x steps/s, and the
 limit is 1 / the least kernel time per step, the rate with every host overhead removed.
 
-    python benchmarks/speed.py                         # CPU: mnist and mnist-cpu at batch 100, ~3 minutes
-    python benchmarks/speed.py --quick                 # smoke check
-    python benchmarks/speed.py --device cuda --json speed.json   # mnist-cpu:100, mnist:100, shapes3d-32:512,
-                                                                 # shapes3d:256 (benchmarks/gpu_check.py runs this)
+    python benchmarks/speed/speed.py                         # CPU: mnist and mnist-cpu at batch 100, ~3 minutes
+    python benchmarks/speed/speed.py --quick                 # smoke check
+    python benchmarks/speed/speed.py --device cuda --json speed.json   # mnist-cpu:100, mnist:100, shapes3d-32:512,
+                                                                 # shapes3d:256 (benchmarks/gpu/gpu_check.py runs this)
 
 ``--cases preset:batch,...`` chooses the cases (the hand-written step needs a Laplace preset).  ``--json`` writes every
-row as a record, rewritten after each case (``benchmarks/gpu_check.py`` and ``paper_scale.py`` read it).
+row as a record, rewritten after each case (``benchmarks/gpu/gpu_check.py`` and ``paper_scale.py`` read it).
 ``--no-graph`` leaves the CUDA graph out.
 
 Faults cost one row: each case (model, preset, batch) runs in its own ``try``, and a case that fails gives a row that
@@ -42,8 +42,10 @@ import tempfile
 
 import pyro
 import torch
-from gpu_report import speed_table
-from harness import (
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu"))
+from gpu_report import speed_table  # noqa: E402  (benchmarks/gpu/: the table the GPU check reports)
+from harness import (  # noqa: E402
     BATCH,
     KL_SCALE,
     alternate,

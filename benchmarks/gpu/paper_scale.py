@@ -3,7 +3,7 @@
 It trains, at the same time, with ``python -m pyro_vlae.run``:
 
 * the VLAE, the Markov HVAE (four 2-d layers each) and the beta-VAE (one 8-d code, beta 4) on shapes3d, at equal
-  images seen (``benchmarks/reproduce.py``'s shapes3d settings), at 64x64 if at least 30 epochs each fit at the
+  images seen (``benchmarks/claims/reproduce.py``'s shapes3d settings), at 64x64 if at least 30 epochs each fit at the
   measured rate and their weights fit in what the machine returns, else at 32x32 (the summary says which and why);
 * the plain VLAE under ``--preset mnist-paper`` (the reference schedule, no fade-in) to its 30,000 steps or as many
   as fit.
@@ -14,8 +14,8 @@ when its log reaches it (the run then writes its checkpoint and exits with 143);
 is stopped then. A SIGTERM to the driver stops every run the same way and still exports and packs what they saved
 (within ``procs.GRACE_S``, the time the GPU check gives it before SIGKILL); SIGINT does the same. The step counts come
 from the checkpoints and are reported. Then each run is exported with float16 weights and packed
-(``benchmarks/model_pack.py``) into parts of 15.5 MiB, at most ``--max-bytes`` in all, beside ``models.manifest.json``
-in ``--out``. ``<work>/paper_scale.json`` holds the plan and the results.
+(``benchmarks/gpu/model_pack.py``) into parts of 15.5 MiB, at most ``--max-bytes`` in all, beside
+``models.manifest.json`` in ``--out``. ``<work>/paper_scale.json`` holds the plan and the results.
 
 Faults: every run gets ``--cuda-graph`` (``auto`` unless told) and ``--checkpoint-seconds`` :data:`CHECKPOINT_S` (when
 the training command has that flag), so a crash at any minute leaves weights. A run that exits with anything but 0 or
@@ -28,9 +28,9 @@ metrics stay in the results) and it starts afresh in its own name. No restart on
 less than :data:`RESTART_MIN_S` of the window is left. A restart and a CUDA graph capture that fell back to eager steps
 (the run log's warning, ``procs.CAPTURE_FAILED``) are recorded per run and shown in the GPU check's ``summary.md``.
 
-    python benchmarks/paper_scale.py --out $OUT --budget-s 480 --speed-json speed.json   # on the GPU machine
-    python benchmarks/paper_scale.py --out ps_out --dry-run                               # every step on a CPU
-    python benchmarks/model_pack.py unpack ps_out --dest runs/paper_scale                 # back here
+    python benchmarks/gpu/paper_scale.py --out $OUT --budget-s 480 --speed-json speed.json   # on the GPU machine
+    python benchmarks/gpu/paper_scale.py --out ps_out --dry-run                               # every step on a CPU
+    python benchmarks/gpu/model_pack.py unpack ps_out --dest runs/paper_scale                 # back here
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ from pathlib import Path
 import model_pack as MP
 from gpu_report import last_record, metrics_steps
 from procs import Part, atomic, capture_fallback, read_json, restart_argv
-from reproduce import EXPERIMENTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "claims"))  # reproduce.py: the shapes3d settings
+from reproduce import EXPERIMENTS  # noqa: E402
 
 SHAPES3D_TRAIN = 470_000  # 480,000 scenes less the 10,000 test items
 MNIST_TRAIN, MNIST_STEPS = 60_000, 30_000
@@ -63,7 +65,7 @@ ASSUMED_RATES = {32: 100_000.0, 64: 25_000.0}
 LOG_EVERY = 50  # metrics lines: the granularity of the equal-images stop (a log line costs about one forward pass)
 AT_DEADLINE = "stopped by SIGTERM at the deadline"
 DRY = {"batch": 8, "log_every": 2, "budget_s": 150}
-#: The shapes3d layout trained here, as ``benchmarks/reproduce.py`` trains it: ``(tag, model, flags)`` per run.
+#: The shapes3d layout trained here, as ``benchmarks/claims/reproduce.py`` trains it: ``(tag, model, flags)`` per run.
 SHAPES3D_RUNS = EXPERIMENTS["shapes3d"]
 TRAIN = "pyro_vlae.run"  # the training command (the tests put a small script in its place)
 CUDA_GRAPH_MODES = ("auto", "on", "off")
@@ -72,7 +74,7 @@ RESTART_MIN_S = 60  # a failed run is restarted only if this much of the trainin
 
 
 def shapes3d_runs() -> list:
-    """``(name, model, flags)`` of the three shapes3d runs, as ``benchmarks/reproduce.py`` trains them."""
+    """``(name, model, flags)`` of the three shapes3d runs, as ``benchmarks/claims/reproduce.py`` trains them."""
     return [(f"shapes3d_{tag}", model, flags) for tag, model, flags in SHAPES3D_RUNS]
 
 

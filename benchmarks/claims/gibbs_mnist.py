@@ -15,8 +15,8 @@ Reproduced means, for every start: the chain's distance at t = 100 and t = 1000 
 samples', every class is within 3 points of its test frequency there, and classes switch (rate above 0.01 per step).
 
     python -m pyro_vlae.run --model hvae --dataset mnist --preset mnist-hvae-b1-bernoulli --run-dir RUN --no-eval
-    python benchmarks/gibbs_mnist.py train RUN --denoise          # variant: the guide sees corrupted inputs
-    python benchmarks/gibbs_mnist.py eval RUN [RUN ...]            # the chain protocol, tables, figure, verdict
+    python benchmarks/claims/gibbs_mnist.py train RUN --denoise          # variant: the guide sees corrupted inputs
+    python benchmarks/claims/gibbs_mnist.py eval RUN [RUN ...]            # the chain protocol, tables, figure, verdict
 
 ``eval`` writes ``RUN/gibbs_mnist.json`` and ``RUN/figures/gibbs_mnist.png`` and exits 0 when every run reproduces
 Fig. 2 by the target above, 1 otherwise.

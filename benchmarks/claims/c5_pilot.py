@@ -5,11 +5,11 @@ of the lower layers, evaluates each (disentanglement per layer, every assignment
 prints one Markdown report.  It chooses nothing by itself: the report shows, per run, which layer holds each factor and
 whether each factor is encoded above chance at all, and the reader picks the layout that encodes every factor.
 
-    OMP_NUM_THREADS=1 python benchmarks/c5_pilot.py                       # train (2 at a time), evaluate, report
-    python benchmarks/c5_pilot.py --phase train --runs vlae-5-5-5-10-fade vlae-3-3-3-3-fade
-    python benchmarks/c5_pilot.py --phase evaluate                        # every trained run without eval.json
-    python benchmarks/c5_pilot.py --phase report > pilot.md               # tables only, from eval.json files
-    python benchmarks/c5_pilot.py --runs c4-hvae c4-vae-beta4 --c4-layout 5,5,5,10   # the fair C4 comparison
+    OMP_NUM_THREADS=1 python benchmarks/claims/c5_pilot.py                       # train (2 at a time), evaluate, report
+    python benchmarks/claims/c5_pilot.py --phase train --runs vlae-5-5-5-10-fade vlae-3-3-3-3-fade
+    python benchmarks/claims/c5_pilot.py --phase evaluate                        # every trained run without eval.json
+    python benchmarks/claims/c5_pilot.py --phase report > pilot.md               # tables only, from eval.json files
+    python benchmarks/claims/c5_pilot.py --runs c4-hvae c4-vae-beta4 --c4-layout 5,5,5,10   # the fair C4 comparison
 
 Each run is ``python -m pyro_vlae.run`` in its own process with one torch thread (``OMP_NUM_THREADS=1``), at most
 ``--jobs`` at a time, in ``--root/<tag>``.  Resumable: a run with ``checkpoints/latest.pt`` short of its steps is

@@ -9,7 +9,7 @@ images: ancestral samples from the whole model, and held-out test images (the sm
 If the draw-fed chain drifts and the mean-fed one does not, the likelihood's noise, which takes the images off the
 data the guide was trained on, is the cause rather than the guide's error alone.
 
-    python benchmarks/gibbs_probe.py RUN_DIR [RUN_DIR ...] [--chains 200] [--steps 1 2 5 10 25 50 100]
+    python benchmarks/claims/gibbs_probe.py RUN_DIR [RUN_DIR ...] [--chains 200] [--steps 1 2 5 10 25 50 100]
 
 It prints one JSON line per run, then Markdown tables (one per feed) with a row per run.
 """

@@ -26,7 +26,7 @@ Two controls must fail as theory predicts, each measured on the library's simula
   small change) but moves the chain's law by much more, while ancestral samples, which never use the guide, are
   untouched.
 
-    python benchmarks/gibbs_toy.py [--quick] [--seed 0] [--chains 10000] [--figure PATH]
+    python benchmarks/claims/gibbs_toy.py [--quick] [--seed 0] [--chains 10000] [--figure PATH]
 
 ``--figure`` draws the per-direction variances of the data, the trained chain, the mean-fed chain and the
 perturbed-guide chain (simulated), and their KLs against the targets.
@@ -314,7 +314,9 @@ def figure(path, Sx, truth, reps, kl_anc, k_star) -> str:
     b.set_xticks(range(4), names, fontsize=8)
     b.set(yscale="log", ylim=(1e-4, 30), ylabel="KL to p_data (nats)", title="KL against the targets")
     b.legend(fontsize=7, loc="upper right")
-    fig.suptitle("Proposition 1 on a linear-Gaussian Markov HVAE trained by SVI (benchmarks/gibbs_toy.py)", fontsize=10)
+    fig.suptitle(
+        "Proposition 1 on a linear-Gaussian Markov HVAE trained by SVI (benchmarks/claims/gibbs_toy.py)", fontsize=10
+    )
     fig.tight_layout()
     return _save(fig, path)
 

@@ -19,7 +19,7 @@ from a returned run means starting a run from its weights, not ``--resume``.
 * :func:`unpack` checks the parts against the manifest, joins them (as ``cat models.tar.gz.part* > models.tar.gz``
   would) and extracts the run folders.  From the command line::
 
-      python benchmarks/model_pack.py unpack FOLDER_WITH_THE_PARTS --dest runs/paper_scale
+      python benchmarks/gpu/model_pack.py unpack FOLDER_WITH_THE_PARTS --dest runs/paper_scale
       python -m pyro_vlae.evaluate runs/paper_scale/shapes3d_vlae
 """
 
@@ -156,7 +156,7 @@ def pack(run_dirs: list, out, max_bytes: int, part_bytes: int = PART_BYTES, tmp_
             "use": USE,
             "resumable": False,
             "join": f"cat {' '.join(p['file'] for p in parts)} > {ARCHIVE}",
-            "unpack": "python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale",
+            "unpack": "python benchmarks/gpu/model_pack.py unpack FOLDER --dest runs/paper_scale",
         }
     tmp_manifest = out / ("." + MANIFEST + ".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")

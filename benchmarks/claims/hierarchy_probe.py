@@ -5,7 +5,8 @@ digit classifier's prediction changes against the group's first image, plus the 
 compare schedules for the CPU-sized default job; see benchmarks/RESULTS.md.  The model is the one trained up to the
 checkpoint, with the ladder gains of its fade-in (printed as ``ladder_gain``, for z1 .. z(L-1)).
 
-    python benchmarks/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers] [--device cuda]
+    python benchmarks/claims/hierarchy_probe.py RUN_DIR [--checkpoint step2000.pt] [--cache data/classifiers] \
+        [--device cuda]
 """
 
 import argparse

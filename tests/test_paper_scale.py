@@ -68,9 +68,9 @@ def test_rates_are_the_fastest_mode_that_ran_in_each_shapes3d_row(tmp_path):
 def test_the_shapes3d_runs_are_reproduces_three():
     runs = {name: (kind, flags) for name, kind, flags in PS.shapes3d_runs()}
     assert runs == {
-        "shapes3d_vlae": ("vlae", ["--latent-dims", "2,2,2,2"]),
-        "shapes3d_hvae": ("hvae", ["--latent-dims", "2,2,2,2"]),
-        "shapes3d_vae-beta4": ("vae", ["--latent-dims", "8", "--beta", "4"]),
+        "shapes3d_vlae": ("vlae", ["--latent-dims", "3,3,3,3"]),
+        "shapes3d_hvae": ("hvae", ["--latent-dims", "3,3,3,3"]),
+        "shapes3d_vae-beta4": ("vae", ["--latent-dims", "12", "--beta", "4"]),
     }
 
 

@@ -2,8 +2,9 @@
 
 It trains, at the same time, with ``python -m pyro_vlae.run``:
 
-* the VLAE, the Markov HVAE (four 2-d layers each) and the beta-VAE (one 8-d code, beta 4) on shapes3d, at equal
-  images seen (``benchmarks/claims/reproduce.py``'s shapes3d settings), at 64x64 if at least 30 epochs each fit at the
+* the VLAE, the Markov HVAE (``reproduce.SHAPES3D_LAYOUT``, four 3-d layers each, as the C5 pilot chose) and the
+  beta-VAE (one code of the same total size, beta 4) on shapes3d, at equal images seen
+  (``benchmarks/claims/reproduce.py``'s shapes3d settings), at 64x64 if at least 30 epochs each fit at the
   measured rate and their weights fit in what the machine returns, else at 32x32 (the summary says which and why);
 * the plain VLAE under ``--preset mnist-paper`` (the reference schedule, no fade-in) to its 30,000 steps or as many
   as fit.

@@ -109,5 +109,5 @@ def test_the_report_reads_every_rule_the_accuracy_and_active_dims(tmp_path):
     text = CP.report(str(tmp_path), ["run-a", "run-b"])
     assert "KL per layer z1 / z2 (nats): 8.50 / 0.01; active dims per layer: 2 / 0" in text
     assert "| floor_hue | 0.98 (0.10) | z1 | z1 | z1 | 0.70 [0.68, 0.72] / 0.02 [0.00, 0.04] |" in text
-    assert "| shape | 0.30 (0.27) | spread | None | z2 | 0.05 [0.00, 0.09] / 0.06 [0.01, 0.10] |" in text
+    assert "| shape | 0.30 (0.27) | spread | chance | z2 | 0.05 [0.00, 0.09] / 0.06 [0.01, 0.10] |" in text
     assert "#### run-b: not evaluated" in text

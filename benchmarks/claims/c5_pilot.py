@@ -186,10 +186,17 @@ def run_summary(tag, e) -> list[str]:
     nmi = a.get("best_unit_nmi")
     for k, f in enumerate(factors):
         acc = _accuracy(_get(e, *_DIS, "overall", "dci"), k) or "-"
-        rules = [str(_get(a, key, f, default="-")) for _, key in _RULES]
+        rules = [_layer(a, key, f) for _, key in _RULES]
         best = " / ".join(_nmi(nmi, a.get("best_unit_nmi_interval"), l, k) for l in range(len(nmi))) if nmi else "-"
         out.append(f"| {f} | {acc} | " + " | ".join(rules) + f" | {best} |")
     return out
+
+
+def _layer(a, key, factor) -> str:
+    """A rule's layer for ``factor``; the evaluation's ``None`` (not encoded above chance) reads "chance"."""
+    if key not in a or factor not in a[key]:
+        return "-"
+    return "chance" if a[key][factor] is None else str(a[key][factor])
 
 
 def _nmi(nmi, interval, l, k) -> str:

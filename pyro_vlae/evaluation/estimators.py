@@ -166,13 +166,7 @@ def _plugin_mi(joint: np.ndarray) -> np.ndarray:
 def binned_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int) -> np.ndarray:
     """Plug-in ``I(c_j; v_k)`` in nats between already binned code dims ``bins`` ``(N, D)`` (``0..num_bins-1``) and
     factor codes ``y`` ``(N, K)``: float array ``(D, K)``."""
-    n = len(bins)
-    mi = np.zeros((bins.shape[1], y.shape[1]))
-    for k, card in enumerate(cards):
-        for j in range(bins.shape[1]):
-            joint = np.bincount(bins[:, j] * card + y[:, k], minlength=num_bins * card).reshape(num_bins, card) / n
-            mi[j, k] = float(_plugin_mi(joint))
-    return mi
+    return _weighted_mi(bins, y, cards, num_bins, np.ones((1, len(bins))))[0]
 
 
 def bootstrap_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int, resamples: int, seed) -> np.ndarray:
@@ -181,15 +175,23 @@ def bootstrap_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int, resample
 
     :return: float array ``(resamples, D, K)``.
     """
-    n, d = bins.shape
+    n = len(bins)
     counts = np.random.default_rng([check_seed(seed), 2]).multinomial(n, np.full(n, 1.0 / n), size=int(resamples))
-    offsets = np.arange(int(resamples))[:, None]
-    out = np.zeros((int(resamples), d, y.shape[1]))
+    return _weighted_mi(bins, y, cards, num_bins, counts)
+
+
+def _weighted_mi(bins: np.ndarray, y: np.ndarray, cards, num_bins: int, counts: np.ndarray) -> np.ndarray:
+    """Plug-in MI ``(R, D, K)`` of the items weighted by each row of ``counts`` ``(R, N)`` (how often each item is
+    drawn; every row sums to ``N``), one joint histogram per row, code dim and factor."""
+    n, d = bins.shape
+    r = len(counts)
+    offsets = np.arange(r)[:, None]
+    out = np.zeros((r, d, y.shape[1]))
     for k, card in enumerate(cards):
         cells = num_bins * card
         for j in range(d):
             flat = (offsets * cells + (bins[:, j] * card + y[:, k])[None, :]).ravel()
-            joint = np.bincount(flat, weights=counts.ravel(), minlength=int(resamples) * cells) / n
+            joint = np.bincount(flat, weights=counts.ravel(), minlength=r * cells) / n
             out[:, j, k] = _plugin_mi(joint.reshape(-1, num_bins, card))
     return out
 
